@@ -1,0 +1,62 @@
+"""idode: maximum-likelihood diffusion ODEs (i-DODE, Zheng et al., ICML 2023) in PyTorch.
+
+The public API::
+
+    sched = idode.VPSchedule()                                   # or idode.SPSchedule()
+    model = idode.DiffusionODE(net, sched, parameterization="velocity")
+    loss = idode.diffusion_loss(model, x)                          # [B] nats
+    ll = idode.log_likelihood(model, z, divergence="exact")        # ll.logp [B], ll.nfe
+    res = idode.bits_per_dim(model, x_int, num_levels=256)         # res.bpd [B], res.nfe
+    elbo = idode.elbo_bits_per_dim(model, x_int, num_levels=256)   # [B]
+    samples = idode.sample(model, num_samples=16, shape=(3, 32, 32))
+"""
+
+from idode.dequantization import (
+    DEQUANTIZATIONS,
+    bin_centers,
+    bits_per_dim_from_nats,
+    dequantize,
+)
+from idode.losses import LossTerms, diffusion_loss, diffusion_loss_terms
+from idode.likelihood import (
+    BPDResult,
+    ELBOResult,
+    LogLikelihoodResult,
+    SampleResult,
+    bits_per_dim,
+    elbo,
+    elbo_bits_per_dim,
+    log_likelihood,
+    ode_sample,
+    sample,
+)
+from idode.parameterization import PARAMETERIZATIONS, DiffusionODE
+from idode.schedules import Schedule, SPSchedule, VPSchedule, make_schedule
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BPDResult",
+    "DEQUANTIZATIONS",
+    "DiffusionODE",
+    "ELBOResult",
+    "LogLikelihoodResult",
+    "LossTerms",
+    "PARAMETERIZATIONS",
+    "SPSchedule",
+    "SampleResult",
+    "Schedule",
+    "VPSchedule",
+    "bin_centers",
+    "bits_per_dim",
+    "bits_per_dim_from_nats",
+    "dequantize",
+    "diffusion_loss",
+    "diffusion_loss_terms",
+    "elbo",
+    "elbo_bits_per_dim",
+    "log_likelihood",
+    "make_schedule",
+    "ode_sample",
+    "sample",
+]

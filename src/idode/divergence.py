@@ -1,0 +1,99 @@
+"""Divergence of a vector field: exact (chunked) or Hutchinson (method.md §5.2, §6.1).
+
+``fn`` maps x [B, ...] -> out [B, ...] with each example depending only on itself. The divergence
+returned is sum_i d out_i / d x_i per example, shape [B], in ``fn``'s output dtype.
+Both estimators cost one forward pass plus vector-Jacobian products (reverse mode).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["ProbeKind", "PROBE_KINDS", "sample_probes", "hutchinson_divergence", "exact_divergence"]
+
+ProbeKind = Literal["rademacher", "gaussian"]
+PROBE_KINDS: tuple[str, ...] = ("rademacher", "gaussian")
+
+
+def sample_probes(
+    shape: tuple[int, ...] | torch.Size,
+    kind: ProbeKind = "rademacher",
+    *,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """Hutchinson probes u with E[u u^T] = I: Rademacher (+-1, the default) or standard Gaussian."""
+    if kind == "rademacher":
+        bits = torch.randint(0, 2, tuple(shape), generator=generator, device=device)
+        return (2 * bits - 1).to(dtype)
+    if kind == "gaussian":
+        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+    raise ValueError(f"unknown probe kind {kind!r}; valid: {', '.join(map(repr, PROBE_KINDS))}")
+
+
+def _leaf(x: Tensor) -> Tensor:
+    return x if x.requires_grad else x.detach().requires_grad_(True)
+
+
+def hutchinson_divergence(
+    fn: Callable[[Tensor], Tensor], x: Tensor, probes: Tensor, *, create_graph: bool = False
+) -> tuple[Tensor, Tensor]:
+    """(fn(x), u^T (d fn/d x) u) with probes u shaped like x ([B, ...]) or [P, B, ...] (averaged).
+
+    With P probes the P vector-Jacobian products share one forward pass.
+    """
+    multi = probes.ndim == x.ndim + 1
+    if probes.shape[int(multi) :] != x.shape:
+        raise ValueError(
+            f"probes must be shaped like x {tuple(x.shape)} or [P, *x.shape], got "
+            f"{tuple(probes.shape)}"
+        )
+    with torch.enable_grad():
+        x = _leaf(x)
+        out = fn(x)
+        u = probes.to(out.dtype)
+        if multi:
+            (vjp,) = torch.autograd.grad(
+                out, x, u, create_graph=create_graph, is_grads_batched=True
+            )
+            div = (vjp * u.to(vjp.dtype)).flatten(2).sum(-1).mean(0)
+        else:
+            (vjp,) = torch.autograd.grad(out, x, u, create_graph=create_graph)
+            div = (vjp * u.to(vjp.dtype)).flatten(1).sum(-1)
+    return out, div.to(out.dtype)
+
+
+def exact_divergence(
+    fn: Callable[[Tensor], Tensor], x: Tensor, *, chunk_size: int = 16
+) -> tuple[Tensor, Tensor]:
+    """(fn(x), tr(d fn/d x)) with d vector-Jacobian products, ``chunk_size`` at a time.
+
+    Memory grows with ``chunk_size`` (one batched backward per chunk); cost is d/chunk_size
+    backward passes, so this is for tests and small data (digits: d = 64).
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    with torch.enable_grad():
+        x = _leaf(x)
+        out = fn(x)
+        b, d = x.shape[0], x[0].numel()
+        div = torch.zeros(b, dtype=out.dtype, device=out.device)
+        for start in range(0, d, chunk_size):
+            idx = torch.arange(start, min(start + chunk_size, d), device=x.device)
+            basis = torch.zeros(len(idx), b, d, dtype=out.dtype, device=out.device)
+            basis[torch.arange(len(idx), device=x.device), :, idx] = 1.0
+            last = start + chunk_size >= d
+            (vjp,) = torch.autograd.grad(
+                out,
+                x,
+                basis.reshape(len(idx), *out.shape),
+                retain_graph=not last,
+                is_grads_batched=True,
+            )
+            # vjp[c, b, :] = row idx[c] of the Jacobian of example b; keep its diagonal entry
+            div += vjp.reshape(len(idx), b, d)[torch.arange(len(idx)), :, idx].sum(0).to(div.dtype)
+    return out, div
