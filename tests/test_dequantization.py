@@ -57,9 +57,9 @@ def test_truncated_normal_log_q_and_entropy_against_scipy(schedule):
     torch.testing.assert_close(dq.log_q, torch.from_numpy(log_q), rtol=1e-9, atol=1e-6)
     # -E[log q] is the entropy: d * H(TN(0, sigma_min^2; +-tau sigma_min))
     torch.testing.assert_close(dq.expected_log_q, torch.full((3,), -d * float(ref.entropy()), dtype=torch.float64), rtol=1e-10, atol=0)
-    # method.md §7.3: 7.568787 bits/dim of -E log q for VP (7.570651 SP)
+    # method.md §7.3: E log q = 7.568787 bits/dim for VP (7.570651 SP), vs exactly 7 for uniform
     ref_bits = 7.568787 if schedule.name == "VP" else 7.570651
-    assert (-dq.expected_log_q[0] / (d * math.log(2))).item() == pytest.approx(ref_bits, abs=2e-6)
+    assert (dq.expected_log_q[0] / (d * math.log(2))).item() == pytest.approx(ref_bits, abs=2e-6)
 
 
 def test_uniform_and_variational(schedule):
