@@ -1,0 +1,214 @@
+import math
+
+import pytest
+import torch
+
+import idode
+from idode.parameterization import PARAMETERIZATIONS
+from problems import (
+    CorrelatedGaussianOptimalNet,
+    DiscreteOptimalNet,
+    GaussianOptimalNet,
+    gaussian_log_density,
+    marginal_variance,
+    mvn_log_density,
+)
+
+
+@pytest.mark.parametrize("param", PARAMETERIZATIONS)
+def test_log_likelihood_equals_closed_form_gaussian(schedule, param):
+    """x0 ~ N(0, s2 I): with the optimal F the ODE gives exactly log N(z; 0, v(gamma_min) I)."""
+    s2, d = 0.5, 6
+    model = idode.DiffusionODE(GaussianOptimalNet(schedule, s2, param), schedule, param)
+    v_min, v_max = marginal_variance(schedule, schedule.gamma_min, s2), marginal_variance(
+        schedule, schedule.gamma_max, s2)
+    z = torch.randn(5, d, dtype=torch.float64) * v_min.sqrt()
+    ll = idode.log_likelihood(model, z, divergence="exact", rtol=1e-5, atol=1e-5)
+    assert ll.logp.shape == (5,) and ll.logp.dtype == torch.float64 and isinstance(ll.nfe, int)
+    exact = gaussian_log_density(z, v_min)
+    # with the exact prior N(0, v_max I) in place of N(0, sigma_max^2 I)
+    corrected = ll.delta_logp + gaussian_log_density(ll.z_end, v_max)
+    assert ((corrected - exact).abs() / d).max() < 1e-3
+    # the reported logp differs from the exact one by exactly the prior mismatch
+    torch.testing.assert_close(ll.logp - corrected, ll.prior_logp - gaussian_log_density(ll.z_end, v_max))
+    torch.testing.assert_close(ll.prior_logp, gaussian_log_density(ll.z_end, schedule.sigma2_max))
+    # tighter tolerance, tighter answer
+    ll = idode.log_likelihood(model, z, divergence="exact", rtol=1e-9, atol=1e-9)
+    corrected = ll.delta_logp + gaussian_log_density(ll.z_end, v_max)
+    assert ((corrected - exact).abs() / d).max() < 1e-7
+
+
+def _correlated(schedule):
+    d = 4
+    a = torch.randn(d, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    cov = 0.1 * a @ a.T + 0.05 * torch.eye(d, dtype=torch.float64)
+    net = CorrelatedGaussianOptimalNet(schedule, cov)
+    return idode.DiffusionODE(net, schedule, "eps"), net, d
+
+
+def test_correlated_gaussian_exact_divergence(schedule):
+    model, net, d = _correlated(schedule)
+    z = torch.distributions.MultivariateNormal(
+        torch.zeros(d, dtype=torch.float64), net.marginal_cov(schedule.gamma_min)).sample((3,))
+    ll = idode.log_likelihood(model, z, "exact", rtol=1e-7, atol=1e-7)
+    corrected = ll.delta_logp + mvn_log_density(ll.z_end, net.marginal_cov(schedule.gamma_max))
+    torch.testing.assert_close(corrected, mvn_log_density(z, net.marginal_cov(schedule.gamma_min)),
+                               rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_hutchinson_agrees_with_exact_in_expectation(kind):
+    schedule = idode.VPSchedule()
+    model, net, d = _correlated(schedule)
+    z0 = torch.distributions.MultivariateNormal(
+        torch.zeros(d, dtype=torch.float64), net.marginal_cov(schedule.gamma_min)).sample((1,))
+    exact = idode.log_likelihood(model, z0, "exact", rtol=1e-6, atol=1e-6).logp
+    n = 400  # the same point, a different fixed probe per copy
+    gen = torch.Generator().manual_seed(5)
+    hutch = idode.log_likelihood(model, z0.expand(n, d), kind, 1e-6, 1e-6, generator=gen).logp
+    se = hutch.std().item() / math.sqrt(n)
+    assert hutch.std() > 1e-3  # a full Jacobian: the estimator really has variance
+    assert abs(hutch.mean().item() - exact.item()) < 4.5 * se
+    # four probes per example average the estimate: about half the spread
+    h4 = idode.log_likelihood(model, z0.expand(n, d), kind, 1e-6, 1e-6, num_probes=4, generator=gen).logp
+    assert h4.std() < 0.7 * hutch.std()
+    assert abs(h4.mean().item() - exact.item()) < 4.5 * h4.std().item() / math.sqrt(n)
+
+
+class _SmallNet(torch.nn.Module):
+    """A random nonlinear network, so that different examples need different step sizes."""
+
+    def __init__(self, d):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.w1 = torch.nn.Parameter(torch.randn(d + 1, 32, generator=g) / math.sqrt(d))
+        self.w2 = torch.nn.Parameter(torch.randn(32, d, generator=g) / math.sqrt(32))
+
+    def forward(self, z, gamma):
+        h = torch.tanh(torch.cat([z, gamma[:, None] / 10], 1) @ self.w1)
+        return z + 2 * h @ self.w2
+
+
+def test_result_does_not_depend_on_batch_mates(schedule):
+    d = 6
+    model = idode.DiffusionODE(_SmallNet(d), schedule, "velocity")
+    x = torch.rand(1, d, dtype=torch.float64) * 1.6 - 0.8
+    mates_a = torch.cat([x, torch.full((2, d), 0.9, dtype=torch.float64)])
+    mates_b = torch.cat([torch.randn(5, d, dtype=torch.float64).clamp(-1, 1), x])
+    to_bpd = lambda lp: -lp / (d * math.log(2))  # noqa: E731
+    alone = idode.log_likelihood(model, x, "exact", rtol=1e-6, atol=1e-6)
+    a = idode.log_likelihood(model, mates_a, "exact", rtol=1e-6, atol=1e-6)
+    b = idode.log_likelihood(model, mates_b, "exact", rtol=1e-6, atol=1e-6)
+    assert abs(to_bpd(a.logp[0] - alone.logp[0])) < 1e-4
+    assert abs(to_bpd(b.logp[-1] - alone.logp[0])) < 1e-4
+    assert a.steps[0] == alone.steps[0] == b.steps[-1]  # its own step-size sequence
+    assert len(set(b.steps.tolist())) > 1  # while the batch-mates took other ones
+
+
+PROBS = torch.tensor([0.1, 0.2, 0.3, 0.4])
+
+
+def _discrete_model(schedule, probs=PROBS):
+    net = DiscreteOptimalNet(schedule, probs)
+    return idode.DiffusionODE(net, schedule, "x0"), net
+
+
+@pytest.mark.parametrize("dequantization", ["truncated_normal", "variational"])
+def test_bits_per_dim_of_the_exact_model_is_the_discrete_entropy(schedule, dequantization):
+    """The model that is exactly P(k) (per dim i.i.d. on 4 levels) gets -log2 P(k)/d bits/dim."""
+    model, net = _discrete_model(schedule)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.multinomial(PROBS, 2 * 48, replacement=True, generator=gen).reshape(48, 2)
+    exact = -net.log_probs[x].sum(1) / (2 * math.log(2))
+    res = idode.bits_per_dim(model, x, num_levels=4, dequantization=dequantization,
+                             divergence="exact", analytic_entropy=False, generator=gen)
+    # per example: up to the prior mismatch N(0, sigma_max^2) vs the exact terminal marginal
+    assert (res.bpd - exact).abs().max() < 0.1
+    assert abs((res.bpd - exact).mean().item()) < 0.01
+    # and over the data it is the entropy H(P) = 1.846 bits per dim
+    assert net.entropy_bits() == pytest.approx(1.8464, abs=1e-4)
+    assert (res.bpd.mean() - exact.mean()).abs() < 0.01
+
+
+def test_truncated_normal_is_tighter_than_uniform_for_8_bit_data():
+    """The exact model of 8-bit data: TN is nearly tight; uniform at gamma_min loses ~0.86 bit/dim
+    (method.md §7.1) and at the code's gamma = -11.8 is still an upper bound on the entropy."""
+    schedule = idode.VPSchedule()
+    probs = torch.softmax(0.3 * torch.randn(256, generator=torch.Generator().manual_seed(0)), 0)
+    model, net = _discrete_model(schedule, probs)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.multinomial(probs, 2 * 32, replacement=True, generator=gen).reshape(32, 2)
+    exact = -net.log_probs[x].sum(1) / (2 * math.log(2))
+
+    def gap(dequantization, **kw):
+        res = idode.bits_per_dim(model, x, 256, dequantization, divergence="exact",
+                                 analytic_entropy=False, generator=gen, **kw)
+        return (res.bpd - exact).mean().item()
+
+    gap_tn = gap("truncated_normal")
+    gap_un_min = gap("uniform", uniform_gamma_start=schedule.gamma_min)
+    gap_un = gap("uniform")
+    assert abs(gap_tn) < 0.03  # per-example noise of the prior mismatch, ~0.02 bit/dim
+    assert 0.6 < gap_un_min < 1.1
+    assert -0.03 < gap_un < 0.2
+
+
+def test_k_sample_estimators():
+    schedule = idode.SPSchedule()
+    model, _ = _discrete_model(schedule)
+    x = torch.multinomial(PROBS, 2 * 8, replacement=True).reshape(8, 2)
+    res = idode.bits_per_dim(model, x, 4, "truncated_normal", num_samples=4, divergence="exact",
+                             importance_weighted=True, analytic_entropy=False)
+    assert res.log_p_model.shape == (8, 4) and res.num_samples == 4
+    bound = res.log_p_model + res.log_decoder - res.log_q
+    iw = torch.logsumexp(bound, 1) - math.log(4)  # the correct -log K
+    torch.testing.assert_close(res.bpd, -iw / (2 * math.log(2)))
+    torch.testing.assert_close(res.bpd_mean_of_bounds, -bound.mean(1) / (2 * math.log(2)))
+    assert (res.bpd_importance_weighted <= res.bpd_mean_of_bounds + 1e-12).all()  # Jensen
+    # the analytic-entropy mean uses E[log q]
+    res1 = idode.bits_per_dim(model, x, 4, "truncated_normal", num_samples=2, divergence="exact")
+    expected = -(res1.log_p_model.mean(1) - res1.expected_log_q) / (2 * math.log(2))
+    torch.testing.assert_close(res1.bpd, expected)
+
+
+def test_elbo_of_the_exact_model_is_close_to_the_entropy(schedule):
+    model, net = _discrete_model(schedule)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.multinomial(PROBS, 2 * 20_000, replacement=True, generator=gen).reshape(-1, 2)
+    out = idode.elbo(model, x, num_levels=4, generator=gen)
+    exact = -net.log_probs[x].sum(1) / (2 * math.log(2))
+    se = out.bpd.std().item() / math.sqrt(len(x))
+    assert abs(out.bpd.mean().item() - exact.mean().item()) < 4.5 * se + 0.01
+    assert (out.reconstruction >= 0).all() and (out.prior_kl >= 0).all()
+    torch.testing.assert_close(
+        out.bpd, (out.reconstruction + out.prior_kl + out.diffusion) / (2 * math.log(2)))
+    unit = idode.elbo(model, x[:10], 4, prior="unit", generator=gen)
+    assert unit.prior_kl.shape == (10,)
+
+
+def test_sampling_reproduces_the_discrete_distribution(schedule):
+    model, _ = _discrete_model(schedule)
+    gen = torch.Generator().manual_seed(4)
+    k = idode.sample(model, num_samples=2000, shape=(1,), num_levels=4, generator=gen)
+    assert k.dtype == torch.int64 and k.shape == (2000, 1)
+    freq = torch.bincount(k.flatten(), minlength=4).double() / 2000
+    torch.testing.assert_close(freq, PROBS.double(), atol=0.035, rtol=0)
+
+
+def test_clear_errors():
+    schedule = idode.VPSchedule()
+    model, _ = _discrete_model(schedule)
+    with pytest.raises(TypeError, match="integer grey levels"):
+        idode.bits_per_dim(model, torch.rand(2, 3), 256)
+    with pytest.raises(ValueError, match=r"values in \[0, 300\].*num_levels=256"):
+        idode.bits_per_dim(model, torch.tensor([[0, 300]]), 256)
+    with pytest.raises(ValueError, match="valid: 'truncated_normal', 'uniform', 'variational'"):
+        idode.bits_per_dim(model, torch.zeros(1, 2, dtype=torch.long), 4, dequantization="tn")
+    with pytest.raises(ValueError, match="valid: 'exact', 'rademacher', 'gaussian'"):
+        idode.log_likelihood(model, torch.zeros(1, 2), divergence="skilling")
+    with pytest.raises(ValueError, match="NaN"):
+        idode.log_likelihood(model, torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(ValueError, match="gamma_start"):
+        idode.log_likelihood(model, torch.zeros(1, 2), gamma_start=6.0)
+    with pytest.raises(ValueError, match="num_samples"):
+        idode.bits_per_dim(model, torch.zeros(1, 2, dtype=torch.long), 4, num_samples=0)
