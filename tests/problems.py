@@ -2,7 +2,8 @@
 
 For x0 ~ N(0, s^2 I) the marginal at gamma is N(0, v(gamma) I) with v = alpha^2 s^2 + sigma^2, and
 E[eps | x] = sigma x / v, E[x0 | x] = alpha s^2 x / v (method.md §11). All optimal predictors are
-linear in x, so the probability-flow ODE transports N(0, v(gamma_min)) exactly to N(0, v(gamma_max)).
+linear in x, so the probability-flow ODE transports N(0, v(gamma_min)) exactly to
+N(0, v(gamma_max)).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ def marginal_variance(schedule: Schedule, gamma: Tensor | float, s2: float) -> T
 
 
 class GaussianOptimalNet:
-    """The Bayes-optimal network for x0 ~ N(0, s2 I), for any parameterization (a plain callable)."""
+    """The Bayes-optimal network for x0 ~ N(0, s2 I), any parameterization (a plain callable)."""
 
     def __init__(self, schedule: Schedule, s2: float, parameterization: str) -> None:
         self.schedule, self.s2, self.parameterization = schedule, s2, parameterization
@@ -73,7 +74,9 @@ class CorrelatedGaussianOptimalNet:
 
 
 def mvn_log_density(z: Tensor, cov: Tensor) -> Tensor:
-    dist = torch.distributions.MultivariateNormal(torch.zeros(cov.shape[0], dtype=torch.float64), cov)
+    dist = torch.distributions.MultivariateNormal(
+        torch.zeros(cov.shape[0], dtype=torch.float64), cov
+    )
     return dist.log_prob(z.to(torch.float64))
 
 

@@ -2,9 +2,6 @@ import math
 
 import pytest
 import torch
-
-import idode
-from idode.parameterization import PARAMETERIZATIONS
 from problems import (
     CorrelatedGaussianOptimalNet,
     DiscreteOptimalNet,
@@ -14,14 +11,19 @@ from problems import (
     mvn_log_density,
 )
 
+import idode
+from idode.parameterization import PARAMETERIZATIONS
+
 
 @pytest.mark.parametrize("param", PARAMETERIZATIONS)
 def test_log_likelihood_equals_closed_form_gaussian(schedule, param):
     """x0 ~ N(0, s2 I): with the optimal F the ODE gives exactly log N(z; 0, v(gamma_min) I)."""
     s2, d = 0.5, 6
     model = idode.DiffusionODE(GaussianOptimalNet(schedule, s2, param), schedule, param)
-    v_min, v_max = marginal_variance(schedule, schedule.gamma_min, s2), marginal_variance(
-        schedule, schedule.gamma_max, s2)
+    v_min, v_max = (
+        marginal_variance(schedule, schedule.gamma_min, s2),
+        marginal_variance(schedule, schedule.gamma_max, s2),
+    )
     z = torch.randn(5, d, dtype=torch.float64) * v_min.sqrt()
     ll = idode.log_likelihood(model, z, divergence="exact", rtol=1e-5, atol=1e-5)
     assert ll.logp.shape == (5,) and ll.logp.dtype == torch.float64 and isinstance(ll.nfe, int)
@@ -30,7 +32,9 @@ def test_log_likelihood_equals_closed_form_gaussian(schedule, param):
     corrected = ll.delta_logp + gaussian_log_density(ll.z_end, v_max)
     assert ((corrected - exact).abs() / d).max() < 1e-3
     # the reported logp differs from the exact one by exactly the prior mismatch
-    torch.testing.assert_close(ll.logp - corrected, ll.prior_logp - gaussian_log_density(ll.z_end, v_max))
+    torch.testing.assert_close(
+        ll.logp - corrected, ll.prior_logp - gaussian_log_density(ll.z_end, v_max)
+    )
     torch.testing.assert_close(ll.prior_logp, gaussian_log_density(ll.z_end, schedule.sigma2_max))
     # tighter tolerance, tighter answer
     ll = idode.log_likelihood(model, z, divergence="exact", rtol=1e-9, atol=1e-9)
@@ -49,11 +53,13 @@ def _correlated(schedule):
 def test_correlated_gaussian_exact_divergence(schedule):
     model, net, d = _correlated(schedule)
     z = torch.distributions.MultivariateNormal(
-        torch.zeros(d, dtype=torch.float64), net.marginal_cov(schedule.gamma_min)).sample((3,))
+        torch.zeros(d, dtype=torch.float64), net.marginal_cov(schedule.gamma_min)
+    ).sample((3,))
     ll = idode.log_likelihood(model, z, "exact", rtol=1e-7, atol=1e-7)
     corrected = ll.delta_logp + mvn_log_density(ll.z_end, net.marginal_cov(schedule.gamma_max))
-    torch.testing.assert_close(corrected, mvn_log_density(z, net.marginal_cov(schedule.gamma_min)),
-                               rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        corrected, mvn_log_density(z, net.marginal_cov(schedule.gamma_min)), rtol=0, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
@@ -61,7 +67,8 @@ def test_hutchinson_agrees_with_exact_in_expectation(kind):
     schedule = idode.VPSchedule()
     model, net, d = _correlated(schedule)
     z0 = torch.distributions.MultivariateNormal(
-        torch.zeros(d, dtype=torch.float64), net.marginal_cov(schedule.gamma_min)).sample((1,))
+        torch.zeros(d, dtype=torch.float64), net.marginal_cov(schedule.gamma_min)
+    ).sample((1,))
     exact = idode.log_likelihood(model, z0, "exact", rtol=1e-6, atol=1e-6).logp
     n = 400  # the same point, a different fixed probe per copy
     gen = torch.Generator().manual_seed(5)
@@ -70,7 +77,9 @@ def test_hutchinson_agrees_with_exact_in_expectation(kind):
     assert hutch.std() > 1e-3  # a full Jacobian: the estimator really has variance
     assert abs(hutch.mean().item() - exact.item()) < 4.5 * se
     # four probes per example average the estimate: about half the spread
-    h4 = idode.log_likelihood(model, z0.expand(n, d), kind, 1e-6, 1e-6, num_probes=4, generator=gen).logp
+    h4 = idode.log_likelihood(
+        model, z0.expand(n, d), kind, 1e-6, 1e-6, num_probes=4, generator=gen
+    ).logp
     assert h4.std() < 0.7 * hutch.std()
     assert abs(h4.mean().item() - exact.item()) < 4.5 * h4.std().item() / math.sqrt(n)
 
@@ -120,8 +129,15 @@ def test_bits_per_dim_of_the_exact_model_is_the_discrete_entropy(schedule, dequa
     gen = torch.Generator().manual_seed(0)
     x = torch.multinomial(PROBS, 2 * 48, replacement=True, generator=gen).reshape(48, 2)
     exact = -net.log_probs[x].sum(1) / (2 * math.log(2))
-    res = idode.bits_per_dim(model, x, num_levels=4, dequantization=dequantization,
-                             divergence="exact", analytic_entropy=False, generator=gen)
+    res = idode.bits_per_dim(
+        model,
+        x,
+        num_levels=4,
+        dequantization=dequantization,
+        divergence="exact",
+        analytic_entropy=False,
+        generator=gen,
+    )
     # per example: up to the prior mismatch N(0, sigma_max^2) vs the exact terminal marginal
     assert (res.bpd - exact).abs().max() < 0.1
     assert abs((res.bpd - exact).mean().item()) < 0.01
@@ -141,8 +157,16 @@ def test_truncated_normal_is_tighter_than_uniform_for_8_bit_data():
     exact = -net.log_probs[x].sum(1) / (2 * math.log(2))
 
     def gap(dequantization, **kw):
-        res = idode.bits_per_dim(model, x, 256, dequantization, divergence="exact",
-                                 analytic_entropy=False, generator=gen, **kw)
+        res = idode.bits_per_dim(
+            model,
+            x,
+            256,
+            dequantization,
+            divergence="exact",
+            analytic_entropy=False,
+            generator=gen,
+            **kw,
+        )
         return (res.bpd - exact).mean().item()
 
     gap_tn = gap("truncated_normal")
@@ -157,8 +181,16 @@ def test_k_sample_estimators():
     schedule = idode.SPSchedule()
     model, _ = _discrete_model(schedule)
     x = torch.multinomial(PROBS, 2 * 8, replacement=True).reshape(8, 2)
-    res = idode.bits_per_dim(model, x, 4, "truncated_normal", num_samples=4, divergence="exact",
-                             importance_weighted=True, analytic_entropy=False)
+    res = idode.bits_per_dim(
+        model,
+        x,
+        4,
+        "truncated_normal",
+        num_samples=4,
+        divergence="exact",
+        importance_weighted=True,
+        analytic_entropy=False,
+    )
     assert res.log_p_model.shape == (8, 4) and res.num_samples == 4
     bound = res.log_p_model + res.log_decoder - res.log_q
     iw = torch.logsumexp(bound, 1) - math.log(4)  # the correct -log K
@@ -181,7 +213,8 @@ def test_elbo_of_the_exact_model_is_close_to_the_entropy(schedule):
     assert abs(out.bpd.mean().item() - exact.mean().item()) < 4.5 * se + 0.01
     assert (out.reconstruction >= 0).all() and (out.prior_kl >= 0).all()
     torch.testing.assert_close(
-        out.bpd, (out.reconstruction + out.prior_kl + out.diffusion) / (2 * math.log(2)))
+        out.bpd, (out.reconstruction + out.prior_kl + out.diffusion) / (2 * math.log(2))
+    )
     unit = idode.elbo(model, x[:10], 4, prior="unit", generator=gen)
     assert unit.prior_kl.shape == (10,)
 

@@ -1,9 +1,9 @@
 import pytest
 import torch
+from problems import GaussianOptimalNet
 
 import idode
 from idode.parameterization import PARAMETERIZATIONS
-from problems import GaussianOptimalNet
 
 
 def _batch(schedule, b=6, d=5):
@@ -44,8 +44,9 @@ def test_velocity_target_is_the_true_ode_velocity(schedule):
     x0, eps, gamma, _ = _batch(schedule)
     g = gamma.clone().requires_grad_(True)
     x = schedule.alpha(g)[:, None] * x0 + schedule.sigma(g)[:, None] * eps
-    dxdg = torch.stack([torch.autograd.grad(x[:, j].sum(), g, retain_graph=True)[0]
-                        for j in range(x.shape[1])], 1)
+    dxdg = torch.stack(
+        [torch.autograd.grad(x[:, j].sum(), g, retain_graph=True)[0] for j in range(x.shape[1])], 1
+    )
     model = idode.DiffusionODE(lambda z, g: z, schedule, "velocity")
     F = model.target(x0, eps, gamma)
     coef = schedule.alpha(gamma) * schedule.sigma(gamma) / (2 * schedule.velocity_det())
@@ -59,7 +60,9 @@ def test_drift_is_E1_and_same_for_all_parameterizations(schedule, param):
     model = idode.DiffusionODE(GaussianOptimalNet(schedule, 0.4, param), schedule, param)
     h = model.drift(z, gamma)
     f = schedule.dlog_alpha_dgamma(gamma)[:, None]
-    torch.testing.assert_close(h, f * z + 0.5 * schedule.sigma(gamma)[:, None] * model.eps_hat(z, gamma))
+    torch.testing.assert_close(
+        h, f * z + 0.5 * schedule.sigma(gamma)[:, None] * model.eps_hat(z, gamma)
+    )
     ref = idode.DiffusionODE(GaussianOptimalNet(schedule, 0.4, "eps"), schedule, "eps")
     torch.testing.assert_close(h, ref.drift(z, gamma))
 

@@ -8,12 +8,27 @@ from idode.schedules import make_schedule
 
 # float64 reference values of method.md §1.5 and §4
 TABLE = {
-    "VP": dict(alpha_min=0.99999916, sigma_min=1.294021e-3, alpha_max=0.081810, sigma_max=0.996648,
-               sigma2_max=0.993307, Z=13.293286),
-    "SP": dict(alpha_min=0.99870765, sigma_min=1.292350e-3, alpha_max=0.075858, sigma_max=0.924142,
-               sigma2_max=0.854038, Z=11.299108),
+    "VP": dict(
+        alpha_min=0.99999916,
+        sigma_min=1.294021e-3,
+        alpha_max=0.081810,
+        sigma_max=0.996648,
+        sigma2_max=0.993307,
+        Z=13.293286,
+    ),
+    "SP": dict(
+        alpha_min=0.99870765,
+        sigma_min=1.292350e-3,
+        alpha_max=0.075858,
+        sigma_max=0.924142,
+        sigma2_max=0.854038,
+        Z=11.299108,
+    ),
 }
-QUANTILES = {"VP": {0.1: -11.971, 0.5: -6.652, 0.9: -1.031}, "SP": {0.1: -12.166, 0.5: -7.566, 0.9: -1.946}}
+QUANTILES = {
+    "VP": {0.1: -11.971, 0.5: -6.652, 0.9: -1.031},
+    "SP": {0.1: -12.166, 0.5: -7.566, 0.9: -1.946},
+}
 
 
 def test_reference_values(schedule):
@@ -59,7 +74,15 @@ def test_time_gamma_round_trip(schedule):
 @pytest.mark.parametrize("gamma", [-13.3, -20.0, -12.0, 4.9, 5.0, 12.0])
 def test_float32_matches_float64_near_both_ends(schedule, gamma):
     g32, g64 = torch.tensor([gamma]), torch.tensor([gamma], dtype=torch.float64)
-    for name in ("alpha", "sigma", "alpha2", "sigma2", "log_alpha", "log_sigma", "dlog_alpha_dgamma"):
+    for name in (
+        "alpha",
+        "sigma",
+        "alpha2",
+        "sigma2",
+        "log_alpha",
+        "log_sigma",
+        "dlog_alpha_dgamma",
+    ):
         v32, v64 = getattr(schedule, name)(g32), getattr(schedule, name)(g64)
         # relative accuracy, also for the tiny quantities (sigma at gamma_min, alpha at gamma_max)
         assert v32.dtype == torch.float32
@@ -82,8 +105,10 @@ def test_importance_cdf_and_inverse(schedule):
         assert g[u.tolist().index(q)].item() == pytest.approx(ref, abs=1e-3)
     uu = torch.rand(500, dtype=torch.float64)
     torch.testing.assert_close(
-        schedule.cumulative_weight(schedule.inverse_cumulative_weight(uu * z)) / z, uu,
-        atol=1e-12, rtol=0,
+        schedule.cumulative_weight(schedule.inverse_cumulative_weight(uu * z)) / z,
+        uu,
+        atol=1e-12,
+        rtol=0,
     )
 
 

@@ -20,7 +20,9 @@ def test_time_dependent_backward_integration():
     # dy/dt = cos(t) y  =>  y(t1) = y(t0) exp(sin t1 - sin t0), integrated from 3 down to -1
     y0 = torch.ones(2, 1, dtype=torch.float64)
     res = solve_ivp(lambda t, y: torch.cos(t)[:, None] * y, y0, 3.0, -1.0, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(res.y, y0 * math.exp(math.sin(-1.0) - math.sin(3.0)), rtol=1e-8, atol=0)
+    torch.testing.assert_close(
+        res.y, y0 * math.exp(math.sin(-1.0) - math.sin(3.0)), rtol=1e-8, atol=0
+    )
 
 
 def test_result_does_not_depend_on_batch_mates():

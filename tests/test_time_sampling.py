@@ -12,11 +12,17 @@ def test_antithetic_quantiles_are_stratified():
 
 def test_importance_sampling_has_density_alpha2_over_z(schedule):
     """The histogram of IS gammas matches alpha^2/Z, and alpha^2/p is the constant Z."""
-    gs = sample_gamma(schedule, 200_000, importance_sampling=True, antithetic=False,
-                      generator=torch.Generator().manual_seed(0))
+    gs = sample_gamma(
+        schedule,
+        200_000,
+        importance_sampling=True,
+        antithetic=False,
+        generator=torch.Generator().manual_seed(0),
+    )
     assert gs.gamma.min() >= schedule.gamma_min and gs.gamma.max() <= schedule.gamma_max
-    torch.testing.assert_close(gs.alpha2_over_density,
-                               torch.full_like(gs.gamma, schedule.importance_normalizer))
+    torch.testing.assert_close(
+        gs.alpha2_over_density, torch.full_like(gs.gamma, schedule.importance_normalizer)
+    )
     edges = torch.linspace(schedule.gamma_min, schedule.gamma_max, 11, dtype=torch.float64)
     w = schedule.cumulative_weight(edges)
     expected = (w[1:] - w[:-1]) / schedule.importance_normalizer
@@ -26,4 +32,6 @@ def test_importance_sampling_has_density_alpha2_over_z(schedule):
 
 def test_uniform_sampling_weight(schedule):
     gs = sample_gamma(schedule, 1000, importance_sampling=False)
-    torch.testing.assert_close(gs.alpha2_over_density, schedule.gamma_range * schedule.alpha2(gs.gamma))
+    torch.testing.assert_close(
+        gs.alpha2_over_density, schedule.gamma_range * schedule.alpha2(gs.gamma)
+    )

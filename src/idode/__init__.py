@@ -17,7 +17,6 @@ from idode.dequantization import (
     bits_per_dim_from_nats,
     dequantize,
 )
-from idode.losses import LossTerms, diffusion_loss, diffusion_loss_terms
 from idode.likelihood import (
     BPDResult,
     ELBOResult,
@@ -30,6 +29,7 @@ from idode.likelihood import (
     ode_sample,
     sample,
 )
+from idode.losses import LossTerms, diffusion_loss, diffusion_loss_terms
 from idode.parameterization import PARAMETERIZATIONS, DiffusionODE
 from idode.schedules import Schedule, SPSchedule, VPSchedule, make_schedule
 

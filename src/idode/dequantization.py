@@ -179,7 +179,10 @@ def dequantize(
         # eps ~ TN(0, 1; [-tau, tau]): z stays inside alpha_min x (bin of k) (§7.3)
         tau = truncation_point(schedule, num_levels)
         eps = sample_truncated_normal(x_int.shape, tau, generator=generator, device=dev)
-        log_norm, second_moment = truncated_normal_log_mass(tau), truncated_normal_second_moment(tau)
+        log_norm, second_moment = (
+            truncated_normal_log_mass(tau),
+            truncated_normal_second_moment(tau),
+        )
     z = alpha_min * centers + sigma_min * eps
     # log q = sum_i [log phi(eps_i) - log Z_tau - log sigma_min]
     const = -d * (0.5 * _LOG_2PI + log_sigma_min + log_norm)

@@ -7,7 +7,8 @@ Both estimators cost one forward pass plus vector-Jacobian products (reverse mod
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor

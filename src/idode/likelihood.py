@@ -28,7 +28,7 @@ from idode.dequantization import (
 )
 from idode.divergence import PROBE_KINDS, exact_divergence, hutchinson_divergence, sample_probes
 from idode.losses import check_model_input, diffusion_loss_terms
-from idode.parameterization import DiffusionODE, check_choice, expand
+from idode.parameterization import DiffusionODE, check_choice
 from idode.solvers import solve_ivp
 
 __all__ = [
@@ -63,7 +63,9 @@ def eval_mode(module: nn.Module):
 def gaussian_log_prob(z: Tensor, variance: float) -> Tensor:
     """log N(z; 0, variance I), summed over all but the batch dim: [B]."""
     d = z[0].numel()
-    return -0.5 * d * (_LOG_2PI + math.log(variance)) - 0.5 * z.flatten(1).square().sum(1) / variance
+    return (
+        -0.5 * d * (_LOG_2PI + math.log(variance)) - 0.5 * z.flatten(1).square().sum(1) / variance
+    )
 
 
 @dataclass
@@ -126,7 +128,9 @@ def log_likelihood(
             out, div = hutchinson_divergence(h, x, probes)
         return torch.cat([out.detach().flatten(1), div.detach()[:, None]], dim=1)
 
-    y0 = torch.cat([z.detach().to(torch.float64).flatten(1), z.new_zeros(b, 1, dtype=torch.float64)], 1)
+    y0 = torch.cat(
+        [z.detach().to(torch.float64).flatten(1), z.new_zeros(b, 1, dtype=torch.float64)], 1
+    )
     with eval_mode(model), torch.no_grad():
         sol = solve_ivp(field_, y0, g0, s.gamma_max, rtol=rtol, atol=atol)
     z_end = sol.y[:, :d].reshape(b, *shape)
@@ -197,17 +201,29 @@ def bits_per_dim(
     nfe, expected_log_q, gamma_start = 0, None, None
     for _ in range(num_samples):
         dq = dequantize(
-            dequantization, x_int, num_levels, model.schedule, generator=generator,
+            dequantization,
+            x_int,
+            num_levels,
+            model.schedule,
+            generator=generator,
             uniform_gamma_start=uniform_gamma_start,
         )
         ll = log_likelihood(
-            model, dq.z, divergence, rtol, atol, gamma_start=dq.gamma_start, probes=probes,
+            model,
+            dq.z,
+            divergence,
+            rtol,
+            atol,
+            gamma_start=dq.gamma_start,
+            probes=probes,
             net_kwargs=net_kwargs,
         )
         nfe += ll.nfe
         expected_log_q, gamma_start = dq.expected_log_q, dq.gamma_start
         for key, val in zip(
-            rows, (ll.logp, ll.prior_logp, ll.delta_logp, dq.log_q, dq.log_decoder, ll.steps)
+            rows,
+            (ll.logp, ll.prior_logp, ll.delta_logp, dq.log_q, dq.log_decoder, ll.steps),
+            strict=True,
         ):
             rows[key].append(val)
     st = {k: torch.stack(v, dim=1) for k, v in rows.items()}
@@ -217,10 +233,17 @@ def bits_per_dim(
     mean = (st["lp"] + st["dec"] - lq_for_mean).mean(dim=1)
     bpd_iw, bpd_mean = bits_per_dim_from_nats(iw, d), bits_per_dim_from_nats(mean, d)
     settings = dict(
-        num_levels=num_levels, dequantization=dequantization, num_samples=num_samples,
-        divergence=divergence, num_probes=num_probes, rtol=rtol, atol=atol,
-        importance_weighted=importance_weighted, analytic_entropy=analytic_entropy,
-        schedule=model.schedule.name, parameterization=model.parameterization,
+        num_levels=num_levels,
+        dequantization=dequantization,
+        num_samples=num_samples,
+        divergence=divergence,
+        num_probes=num_probes,
+        rtol=rtol,
+        atol=atol,
+        importance_weighted=importance_weighted,
+        analytic_entropy=analytic_entropy,
+        schedule=model.schedule.name,
+        parameterization=model.parameterization,
     )
     return BPDResult(
         bpd=bpd_iw if importance_weighted else bpd_mean,
@@ -277,20 +300,29 @@ def elbo(
     check_choice("prior", prior, ("sigma_max", "unit"))
     s = model.schedule
     d = x_int[0].numel()
-    x = bin_centers(x_int, num_levels, torch.float32 if model.net_dtype is None else model.net_dtype)
+    x = bin_centers(
+        x_int, num_levels, torch.float32 if model.net_dtype is None else model.net_dtype
+    )
     # reconstruction at gamma_min, decoder of method.md §6.4 (a single division by alpha_min)
     eps0 = torch.randn(x_int.shape, generator=generator, device=x_int.device, dtype=torch.float64)
     z0 = s.alpha_min * bin_centers(x_int, num_levels, torch.float64) + s.sigma_min * eps0
     recon = -decoder_log_prob(z0, x_int, num_levels, s)
-    # KL(N(alpha_1 x, sigma_1^2) || N(0, v)) = 1/2 sum (alpha_1^2 x^2 + sigma_1^2)/v - 1 - log(sigma_1^2/v)
+    # KL(N(alpha_1 x, sigma_1^2) || N(0, v))
+    #   = 1/2 sum [(alpha_1^2 x^2 + sigma_1^2)/v - 1 - log(sigma_1^2/v)]
     var = s.sigma2_max if prior == "sigma_max" else 1.0
     x64 = x.to(torch.float64).flatten(1)
-    kl = 0.5 * ((s.alpha2_max * x64.square() + s.sigma2_max) / var - 1.0
-                - math.log(s.sigma2_max / var)).sum(1)
+    kl = 0.5 * (
+        (s.alpha2_max * x64.square() + s.sigma2_max) / var - 1.0 - math.log(s.sigma2_max / var)
+    ).sum(1)
     with eval_mode(model), torch.no_grad():
         diff = diffusion_loss_terms(
-            model, x, importance_sampling=importance_sampling, antithetic=antithetic,
-            generator=generator, net_kwargs=net_kwargs, validate=False,
+            model,
+            x,
+            importance_sampling=importance_sampling,
+            antithetic=antithetic,
+            generator=generator,
+            net_kwargs=net_kwargs,
+            validate=False,
         ).loss.to(torch.float64)
     total = recon + kl + diff
     return ELBOResult(bits_per_dim_from_nats(-total, d), recon, kl, diff)
@@ -337,7 +369,7 @@ def ode_sample(
         noise = torch.randn(
             (num_samples, *shape), generator=generator, device=device, dtype=torch.float64
         )
-    n, shape, d = noise.shape[0], tuple(noise.shape[1:]), noise[0].numel()
+    n, shape = noise.shape[0], tuple(noise.shape[1:])
     kw = net_kwargs or {}
 
     def field_(t: Tensor, y: Tensor) -> Tensor:

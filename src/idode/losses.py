@@ -103,8 +103,12 @@ def diffusion_loss_terms(
     # time: one gamma per example and its importance weight alpha^2/p (float64, method.md §3.4, §4)
     if gamma is None:
         gs = sample_gamma(
-            s, b, importance_sampling=importance_sampling, antithetic=antithetic,
-            generator=generator, device=x.device,
+            s,
+            b,
+            importance_sampling=importance_sampling,
+            antithetic=antithetic,
+            generator=generator,
+            device=x.device,
         )
         gamma64, alpha2_over_p = gs.gamma, gs.alpha2_over_density
     else:
@@ -165,7 +169,13 @@ def diffusion_loss(
     bits/dim.
     """
     return diffusion_loss_terms(
-        model, x, importance_sampling=importance_sampling,
-        second_order_weight=second_order_weight, antithetic=antithetic, hutchinson=hutchinson,
-        generator=generator, net_kwargs=net_kwargs, validate=validate,
+        model,
+        x,
+        importance_sampling=importance_sampling,
+        second_order_weight=second_order_weight,
+        antithetic=antithetic,
+        hutchinson=hutchinson,
+        generator=generator,
+        net_kwargs=net_kwargs,
+        validate=validate,
     ).loss

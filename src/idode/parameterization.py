@@ -15,7 +15,8 @@ evaluate (no cancellation between the two terms of E1).
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from collections.abc import Callable
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -103,7 +104,7 @@ class DiffusionODE(nn.Module):
 
     forward = predict
 
-    # --- conversions (method.md §2.2-2.4) -----------------------------------------------------------
+    # --- conversions (method.md §2.2-2.4) ------------------------------------------------------
     def _coefs(self, z: Tensor, gamma: Tensor):
         s = self.schedule
         g = gamma.to(z.dtype)

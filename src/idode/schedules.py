@@ -1,7 +1,8 @@
 """Noise schedules in the gamma = log(sigma^2 / alpha^2) convention (method.md §1).
 
 gamma is minus the log-SNR. Every quantity is written in a stable form: alpha^2 and sigma^2 are
-sigmoids of -gamma and +gamma (never ``1 - sigmoid``), logs go through ``logsigmoid`` and ``softplus``.
+sigmoids of -gamma and +gamma (never ``1 - sigmoid``), logs go through ``logsigmoid`` and
+``softplus``.
 The forward process is ``x_gamma = alpha * x0 + sigma * eps``.
 
 Each schedule also owns the two schedule-specific pieces of the i-DODE method:
@@ -23,7 +24,7 @@ __all__ = ["Schedule", "VPSchedule", "SPSchedule", "make_schedule"]
 
 
 class Schedule:
-    """Fixed-linear gamma(t) = gamma_min + (gamma_max - gamma_min) t, t in [0, 1] (method.md §1.1)."""
+    """Fixed-linear gamma(t) = gamma_min + (gamma_max - gamma_min) t, t in [0, 1]."""
 
     name: str = ""
 
@@ -81,7 +82,7 @@ class Schedule:
         return self.sigma(gamma).square()
 
     def dlog_alpha_dgamma(self, gamma: Tensor) -> Tensor:
-        """f(gamma) = d log(alpha)/d gamma, the drift coefficient of the forward SDE in gamma-time."""
+        """f(gamma) = d log(alpha)/d gamma, the forward SDE's drift coefficient in gamma-time."""
         raise NotImplementedError
 
     # --- i-DODE specifics ------------------------------------------------------------------------
@@ -171,13 +172,13 @@ class VPSchedule(Schedule):
         return F.softplus(-torch.as_tensor(self.gamma_min, dtype=gamma.dtype)) - F.softplus(-gamma)
 
     def inverse_cumulative_weight(self, w: Tensor) -> Tensor:
-        # softplus(-gamma) = softplus(-gamma_min) - w  =>  gamma = -log(expm1(.)), stable (method.md §4)
+        # softplus(-gamma) = softplus(-gamma_min) - w  =>  gamma = -log(expm1(.)), stable (§4)
         s = F.softplus(-torch.as_tensor(self.gamma_min, dtype=w.dtype)) - w
         return -torch.log(torch.expm1(s))
 
 
 class SPSchedule(Schedule):
-    """Straight path: sigma = sigmoid(gamma/2), alpha = sigmoid(-gamma/2) = 1 - sigma (method.md §1.3)."""
+    """Straight path: sigma = sigmoid(gamma/2), alpha = sigmoid(-gamma/2) = 1 - sigma (§1.3)."""
 
     name = "SP"
 

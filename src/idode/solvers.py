@@ -10,8 +10,8 @@ per-step host traffic is torchode's one-boolean "anything still running?" check.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor

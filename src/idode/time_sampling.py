@@ -5,8 +5,8 @@ or per shard) or i.i.d.; they are mapped to gamma either uniformly on [gamma_min
 the inverse CDF of the importance proposal p(gamma) = alpha^2 / Z.
 
 ``GammaSample.alpha2_over_density`` is alpha^2(gamma) / p(gamma), so that a likelihood weight
-written as w(gamma) = alpha^2 * w_tilde(gamma) becomes w / p = w_tilde * alpha2_over_density with the
-alpha^2 cancelled analytically, not numerically: under importance sampling it is the constant Z
+written as w(gamma) = alpha^2 * w_tilde(gamma) becomes w / p = w_tilde * alpha2_over_density with
+the alpha^2 cancelled analytically, not numerically: under importance sampling it is the constant Z
 (method.md §11: "do not also multiply by alpha^2").
 """
 
