@@ -13,6 +13,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from idode import rng
+from idode.rng import Generators
 from idode.schedules import Schedule
 
 __all__ = [
@@ -102,11 +104,11 @@ def sample_truncated_normal(
     shape: tuple[int, ...] | torch.Size,
     tau: float,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str | None = None,
 ) -> Tensor:
     """eps ~ TN(0, 1; [-tau, tau]) by the inverse CDF in float64: sqrt2 erfinv(Z_tau (2U - 1))."""
-    u = torch.rand(tuple(shape), generator=generator, device=device, dtype=torch.float64)
+    u = rng.rand(shape, generator, device=device, dtype=torch.float64)
     z_tau = math.erf(tau / math.sqrt(2.0))  # Z_tau = P(|N(0,1)| <= tau)
     eps = math.sqrt(2.0) * torch.erfinv(z_tau * (2.0 * u - 1.0))
     return eps.clamp(-tau, tau)  # only matters if Z_tau rounds to 1 and U hits 0 exactly
@@ -149,7 +151,7 @@ def dequantize(
     num_levels: int,
     schedule: Schedule,
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     uniform_gamma_start: float = UNIFORM_GAMMA_START,
 ) -> Dequantized:
     """Draw one continuous z for each integer image, with its log q (method.md §7)."""
@@ -162,7 +164,7 @@ def dequantize(
     zeros = torch.zeros(b, dtype=torch.float64, device=dev)
     if kind == "uniform":
         # z = 2(k + U)/L - 1, U ~ U[0,1)^d, at gamma = -11.8, no alpha scaling (§7.1)
-        u = torch.rand(x_int.shape, generator=generator, device=dev, dtype=torch.float64)
+        u = rng.rand(x_int.shape, generator, device=dev, dtype=torch.float64)
         z = 2.0 * (x_int.to(torch.float64) + u) / num_levels - 1.0
         log_q = torch.full_like(zeros, uniform_log_q(d, num_levels))
         return Dequantized(z, log_q, log_q.clone(), zeros, float(uniform_gamma_start))
@@ -173,7 +175,7 @@ def dequantize(
     centers = bin_centers(x_int, num_levels, torch.float64)
     if kind == "variational":
         # z_0 = alpha_min c(k) + sigma_min eps, eps ~ N(0, I), plus the discrete decoder (§7.2)
-        eps = torch.randn(x_int.shape, generator=generator, device=dev, dtype=torch.float64)
+        eps = rng.randn(x_int.shape, generator, device=dev, dtype=torch.float64)
         log_norm, second_moment = 0.0, 1.0
     else:
         # eps ~ TN(0, 1; [-tau, tau]): z stays inside alpha_min x (bin of k) (§7.3)

@@ -13,6 +13,9 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from idode import rng
+from idode.rng import Generators
+
 __all__ = ["ProbeKind", "PROBE_KINDS", "sample_probes", "hutchinson_divergence", "exact_divergence"]
 
 ProbeKind = Literal["rademacher", "gaussian"]
@@ -23,16 +26,20 @@ def sample_probes(
     shape: tuple[int, ...] | torch.Size,
     kind: ProbeKind = "rademacher",
     *,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float32,
+    batch_dim: int = 0,
 ) -> Tensor:
-    """Hutchinson probes u with E[u u^T] = I: Rademacher (+-1, the default) or standard Gaussian."""
+    """Hutchinson probes u with E[u u^T] = I: Rademacher (+-1, the default) or standard Gaussian.
+
+    ``generator`` may be one generator per example (along ``batch_dim``).
+    """
     if kind == "rademacher":
-        bits = torch.randint(0, 2, tuple(shape), generator=generator, device=device)
+        bits = rng.randint(2, shape, generator, batch_dim=batch_dim, device=device)
         return (2 * bits - 1).to(dtype)
     if kind == "gaussian":
-        return torch.randn(tuple(shape), generator=generator, device=device, dtype=dtype)
+        return rng.randn(shape, generator, batch_dim=batch_dim, device=device, dtype=dtype)
     raise ValueError(f"unknown probe kind {kind!r}; valid: {', '.join(map(repr, PROBE_KINDS))}")
 
 

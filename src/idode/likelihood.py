@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from idode import rng
 from idode.dequantization import (
     DEQUANTIZATIONS,
     UNIFORM_GAMMA_START,
@@ -29,6 +30,7 @@ from idode.dequantization import (
 from idode.divergence import PROBE_KINDS, exact_divergence, hutchinson_divergence, sample_probes
 from idode.losses import check_model_input, diffusion_loss_terms
 from idode.parameterization import DiffusionODE, check_choice
+from idode.rng import Generators
 from idode.solvers import solve_ivp
 
 __all__ = [
@@ -68,6 +70,16 @@ def gaussian_log_prob(z: Tensor, variance: float) -> Tensor:
     )
 
 
+def _probes(num_probes: int, shape: tuple, kind: str, generator: Generators, device) -> Tensor:
+    if num_probes < 1:
+        raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+    if num_probes == 1:
+        return sample_probes(shape, kind, generator=generator, device=device)
+    return sample_probes(
+        (num_probes, *shape), kind, generator=generator, device=device, batch_dim=1
+    )
+
+
 @dataclass
 class LogLikelihoodResult:
     logp: Tensor  # [B] float64 nats: log p_{gamma_start}(z) = prior_logp + delta_logp
@@ -88,7 +100,7 @@ def log_likelihood(
     gamma_start: float | None = None,
     num_probes: int = 1,
     probes: Tensor | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     exact_chunk_size: int = 16,
     net_kwargs: dict | None = None,
 ) -> LogLikelihoodResult:
@@ -111,10 +123,7 @@ def log_likelihood(
     b, shape, d = z.shape[0], tuple(z.shape[1:]), z[0].numel()
     kw = net_kwargs or {}
     if divergence != "exact" and probes is None:
-        if num_probes < 1:
-            raise ValueError(f"num_probes must be >= 1, got {num_probes}")
-        pshape = (b, *shape) if num_probes == 1 else (num_probes, b, *shape)
-        probes = sample_probes(pshape, divergence, generator=generator, device=z.device)
+        probes = _probes(num_probes, (b, *shape), divergence, generator, z.device)
 
     def field_(t: Tensor, y: Tensor) -> Tensor:
         x = y[:, :d].reshape(b, *shape)
@@ -174,7 +183,7 @@ def bits_per_dim(
     importance_weighted: bool = False,
     analytic_entropy: bool = True,
     num_probes: int = 1,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     uniform_gamma_start: float = UNIFORM_GAMMA_START,
     net_kwargs: dict | None = None,
 ) -> BPDResult:
@@ -195,8 +204,7 @@ def bits_per_dim(
     b, shape, d = x_int.shape[0], tuple(x_int.shape[1:]), x_int[0].numel()
     probes = None
     if divergence != "exact":
-        pshape = (b, *shape) if num_probes == 1 else (num_probes, b, *shape)
-        probes = sample_probes(pshape, divergence, generator=generator, device=x_int.device)
+        probes = _probes(num_probes, (b, *shape), divergence, generator, x_int.device)
     rows: dict[str, list[Tensor]] = {k: [] for k in ("lp", "prior", "delta", "lq", "dec", "steps")}
     nfe, expected_log_q, gamma_start = 0, None, None
     for _ in range(num_samples):
@@ -288,7 +296,7 @@ def elbo(
     importance_sampling: bool = True,
     antithetic: bool = True,
     prior: Literal["sigma_max", "unit"] = "sigma_max",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     net_kwargs: dict | None = None,
 ) -> ELBOResult:
     """The SDE (VDM) bound: reconstruction + prior KL + diffusion term, dropout off.
@@ -304,7 +312,7 @@ def elbo(
         x_int, num_levels, torch.float32 if model.net_dtype is None else model.net_dtype
     )
     # reconstruction at gamma_min, decoder of method.md §6.4 (a single division by alpha_min)
-    eps0 = torch.randn(x_int.shape, generator=generator, device=x_int.device, dtype=torch.float64)
+    eps0 = rng.randn(x_int.shape, generator, device=x_int.device, dtype=torch.float64)
     z0 = s.alpha_min * bin_centers(x_int, num_levels, torch.float64) + s.sigma_min * eps0
     recon = -decoder_log_prob(z0, x_int, num_levels, s)
     # KL(N(alpha_1 x, sigma_1^2) || N(0, v))
@@ -355,7 +363,7 @@ def ode_sample(
     num_levels: int = 256,
     rtol: float = 1e-5,
     atol: float = 1e-5,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str | None = None,
     noise: Tensor | None = None,
     net_kwargs: dict | None = None,
@@ -366,9 +374,7 @@ def ode_sample(
         params = list(model.parameters())
         device = params[0].device if params else "cpu"
     if noise is None:
-        noise = torch.randn(
-            (num_samples, *shape), generator=generator, device=device, dtype=torch.float64
-        )
+        noise = rng.randn((num_samples, *shape), generator, device=device, dtype=torch.float64)
     n, shape = noise.shape[0], tuple(noise.shape[1:])
     kw = net_kwargs or {}
 

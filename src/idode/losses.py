@@ -18,8 +18,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from idode import rng
 from idode.divergence import PROBE_KINDS, ProbeKind, hutchinson_divergence, sample_probes
 from idode.parameterization import DiffusionODE, check_choice, expand
+from idode.rng import Generators
 from idode.time_sampling import sample_gamma
 
 __all__ = ["LossTerms", "diffusion_loss", "diffusion_loss_terms", "weight_over_alpha2"]
@@ -74,7 +76,7 @@ def diffusion_loss_terms(
     second_order_weight: float = 0.0,
     antithetic: bool = True,
     hutchinson: ProbeKind = "rademacher",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     gamma: Tensor | None = None,
     eps: Tensor | None = None,
     net_kwargs: dict | None = None,
@@ -120,7 +122,7 @@ def diffusion_loss_terms(
     mc_weight = (weight_over_alpha2(model, gamma64) * alpha2_over_p).to(x.dtype)  # w / p
 
     if eps is None:
-        eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        eps = rng.randn(x.shape, generator, device=x.device, dtype=x.dtype)
     g = gamma64.to(x.dtype)
     alpha, sigma = expand(s.alpha(g), x), expand(s.sigma(g), x)
     z = alpha * x + sigma * eps
@@ -156,7 +158,7 @@ def diffusion_loss(
     *,
     antithetic: bool = True,
     hutchinson: ProbeKind = "rademacher",
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     net_kwargs: dict | None = None,
     validate: bool = True,
 ) -> Tensor:

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from idode import rng
+from idode.rng import Generators
 from idode.schedules import Schedule
 
 __all__ = ["GammaSample", "sample_quantiles", "sample_gamma"]
@@ -33,16 +35,25 @@ def sample_quantiles(
     batch_size: int,
     *,
     antithetic: bool = True,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """u in [0, 1)^B; stratified with one shared offset when ``antithetic`` (method.md §3.4)."""
+    """u in [0, 1)^B; stratified with one shared offset when ``antithetic`` (method.md §3.4).
+
+    With one generator per example the draws are i.i.d. (antithetic couples the batch, so it
+    needs a single generator).
+    """
+    if antithetic and not (generator is None or isinstance(generator, torch.Generator)):
+        raise ValueError(
+            "antithetic time sampling couples the batch: pass one generator, "
+            "or antithetic=False with per-example generators"
+        )
     if antithetic:
         u0 = torch.rand((), generator=generator, device=device, dtype=dtype)
         offsets = torch.arange(batch_size, device=device, dtype=dtype) / batch_size
         return torch.remainder(u0 + offsets, 1.0)
-    return torch.rand(batch_size, generator=generator, device=device, dtype=dtype)
+    return rng.rand((batch_size,), generator, device=device, dtype=dtype)
 
 
 def sample_gamma(
@@ -51,7 +62,7 @@ def sample_gamma(
     *,
     importance_sampling: bool = True,
     antithetic: bool = True,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
     device: torch.device | str | None = None,
     quantiles: Tensor | None = None,
 ) -> GammaSample:
