@@ -8,7 +8,6 @@ takes ``generator=`` also accepts a sequence of generators, one per example alon
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Union
 
 import torch
 from torch import Tensor
