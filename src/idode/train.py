@@ -171,7 +171,9 @@ class TrainResult:
     run_dir: Path
     step: int
     checkpoint: Path | None
-    metrics: dict[str, float]
+    metrics: dict[str, float]  # the last logged training metrics and evaluations
+    model: DiffusionODE | None = None  # this rank's trained model (raw weights), in memory
+    ema: DiffusionODE | None = None  # this rank's EMA model
 
 
 # --------------------------------------------------------------------------------------------------
@@ -473,7 +475,7 @@ def train(
         if bar is not None:
             bar.close()
         log.close()
-    return TrainResult(run_dir, step, last_ckpt, last)
+    return TrainResult(run_dir, step, last_ckpt, last, model, ema)
 
 
 def _jsonable(d: dict) -> dict:
