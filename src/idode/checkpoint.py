@@ -10,6 +10,7 @@ symlink to the newest one, replaced atomically. No pickled code is ever stored.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -42,12 +43,14 @@ class CheckpointError(RuntimeError):
     """A missing, incomplete or corrupt checkpoint."""
 
 
-def build_model(cfg: Config, data_shape: tuple[int, ...]) -> DiffusionODE:
+def build_model(cfg: Config, data_shape: tuple[int, ...], num_levels: int = 256) -> DiffusionODE:
     """The DiffusionODE (network + schedule + parameterization) a config describes."""
     from idode.nets import make_net
 
     m = cfg.model
     if m.net == "unet":
+        # Fourier periods of 2 bins and 1 bin of the data's grey levels (VDM: 2^6, 2^7 for 256)
+        levels = m.fourier_levels or num_levels
         net = make_net(
             "unet",
             data_shape,
@@ -56,6 +59,7 @@ def build_model(cfg: Config, data_shape: tuple[int, ...]) -> DiffusionODE:
             with_attention=m.with_attention,
             dropout=m.dropout,
             with_fourier_features=m.fourier_features,
+            fourier_freqs=(math.log2(levels / 4), math.log2(levels / 2)),
             gamma_min=m.gamma_min,
             gamma_max=m.gamma_max,
             checkpoint=m.checkpoint,
@@ -247,6 +251,6 @@ def load_model(
     shape = tuple(ck.meta["extra"].get("data_shape") or ())
     if not shape:
         raise CheckpointError(f"checkpoint {ck.path} does not record the data shape")
-    model = build_model(ck.config, shape)
+    model = build_model(ck.config, shape, int(ck.meta["extra"].get("num_levels", 256)))
     ck.load_into(model, "ema" if ema and ck.section("ema") else "model")
     return model.to(device).eval(), ck

@@ -54,7 +54,9 @@ class ModelConfig:
     n_layers: int = 32  # UNet depth L (sm_n_layer): L down + middle + L+1 up blocks
     with_attention: bool = False  # UNet attention after every block (cifar10_aug)
     dropout: float = 0.1  # dropout in the residual blocks (sm_pdrop)
-    fourier_features: bool = True  # UNet input Fourier features at 2^6 and 2^7 (x 2 pi)
+    fourier_features: bool = True  # UNet input Fourier features sin/cos(2^f 2 pi z)
+    fourier_levels: int | None = None  # f = log2(L/4), log2(L/2) for L levels (256: VDM's 6, 7);
+    #                                    None: L = the dataset's number of grey levels
     checkpoint: bool = False  # UNet activation checkpointing (saves memory, costs compute)
     mlp_hidden: int = 256  # MLP hidden width
     mlp_depth: int = 3  # MLP hidden layers

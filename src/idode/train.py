@@ -286,7 +286,7 @@ def train(
 
     # model, EMA, optimizer
     torch.manual_seed(t.seed)  # identical initial weights on every rank
-    model = build_model(cfg, shape).to(device)
+    model = build_model(cfg, shape, num_levels).to(device)
     ema = copy.deepcopy(model).eval()
     for p in ema.parameters():
         p.requires_grad_(False)

@@ -195,7 +195,8 @@ class ScoreUNet(nn.Module):
         with_attention: add an AttnBlock after every down / up block (the middle always has one).
         dropout: dropout rate inside every ResnetBlock (active in ``train()`` mode only).
         with_fourier_features: append sin / cos(2^f 2 pi z) channels for f in ``fourier_freqs``.
-        fourier_freqs: base-2 frequency exponents (VDM: 6 and 7).
+        fourier_freqs: base-2 frequency exponents (VDM: 6 and 7, i.e. periods of 2 and 1 bins
+            of 8-bit data; ``log2(L/4), log2(L/2)`` generalises this to L grey levels).
         gamma_min, gamma_max: the log-SNR range mapped to t_in in [0, 1] for the embedding.
         num_groups: GroupNorm groups; layers narrower than 4 * num_groups channels use
             channels // 4 groups (never one channel per group, which would erase gamma).
@@ -215,7 +216,7 @@ class ScoreUNet(nn.Module):
         with_attention: bool = False,
         dropout: float = 0.1,
         with_fourier_features: bool = True,
-        fourier_freqs: Sequence[int] = (6, 7),
+        fourier_freqs: Sequence[float] = (6, 7),
         gamma_min: float = -13.3,
         gamma_max: float = 5.0,
         num_groups: int = 32,
@@ -234,7 +235,7 @@ class ScoreUNet(nn.Module):
         self.n_layers = n_layers
         self.with_attention = with_attention
         self.with_fourier_features = with_fourier_features
-        self.fourier_freqs = tuple(int(f) for f in fourier_freqs) if with_fourier_features else ()
+        self.fourier_freqs = tuple(float(f) for f in fourier_freqs) if with_fourier_features else ()
         # w_f = 2^f 2 pi (§8.1.3); a buffer follows .to(device / dtype), no host copy per call
         w = torch.tensor([2.0**f * 2 * math.pi for f in self.fourier_freqs], dtype=torch.float64)
         self.register_buffer("fourier_w", w.to(torch.get_default_dtype()), persistent=False)

@@ -1,0 +1,5 @@
+import sys
+
+from idode.cli import main
+
+sys.exit(main())

@@ -1,0 +1,107 @@
+"""Figures for reports: learning curves and bits/dim bars (matplotlib, Agg backend)."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+__all__ = ["read_metrics", "plot_learning_curves", "plot_bars"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def read_metrics(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
+    """metrics.jsonl -> {name: [(step, value), ...]}."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a crash
+            for k, v in row.items():
+                if k not in ("step", "time") and isinstance(v, int | float):
+                    series.setdefault(k, []).append((int(row["step"]), float(v)))
+    return series
+
+
+def plot_learning_curves(
+    curves: dict[str, Sequence[tuple[int, float]]],
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    ylabel: str = "bits/dim",
+    reference: tuple[str, float] | None = None,
+) -> Path:
+    """One line per named series of (step, value); an optional horizontal reference line."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    for name, pts in curves.items():
+        if pts:
+            xs, ys = zip(*pts, strict=True)
+            ax.plot(xs, ys, label=name, marker="o" if len(xs) < 15 else None, ms=3)
+    if reference is not None:
+        ax.axhline(reference[1], color="grey", ls="--", lw=1, label=reference[0])
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_bars(
+    labels: Sequence[str],
+    values: Sequence[float],
+    errors: Sequence[float] | None,
+    path: str | os.PathLike,
+    *,
+    title: str = "",
+    ylabel: str = "bits/dim",
+    reference: tuple[str, float] | None = None,
+) -> Path:
+    """Bars with 95% error bars (``errors`` are half-widths) and value labels."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    xs = range(len(labels))
+    bars = ax.bar(xs, values, yerr=errors, capsize=4, color="#4C72B0")
+    for rect, v in zip(bars, values, strict=True):
+        ax.annotate(
+            f"{v:.3f}",
+            (rect.get_x() + rect.get_width() / 2, rect.get_height()),
+            ha="center",
+            va="bottom",
+            fontsize=8,
+            xytext=(0, 3),
+            textcoords="offset points",
+        )
+    if reference is not None:
+        ax.axhline(reference[1], color="grey", ls="--", lw=1, label=reference[0])
+        ax.legend(fontsize=8)
+    ax.set_xticks(list(xs), labels, rotation=15, fontsize=8)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
