@@ -122,7 +122,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from idode.sample import sample_to_files
+    from idode.sampling import sample_to_files
 
     prefix = args.out or str(Path(args.checkpoint) / "samples")
     res = sample_to_files(

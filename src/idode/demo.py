@@ -37,7 +37,7 @@ def run_demo(
     from idode.data import load_dataset
     from idode.evaluate import evaluate
     from idode.plots import plot_bars, plot_learning_curves, read_metrics
-    from idode.sample import sample_to_files, save_image_grid
+    from idode.sampling import sample_to_files, save_image_grid
     from idode.train import train
 
     out = Path(out)

@@ -1,0 +1,181 @@
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from idode import evaluate as evaluate_module
+from idode.checkpoint import CheckpointError, find_checkpoint
+from idode.config import ConfigError, apply_overrides, get_preset
+from idode.evaluate import EvalSettingsError, evaluate, read_per_example
+from idode.train import train
+
+TINY = [
+    "train.steps=20",
+    "train.eval_every=0",
+    "train.checkpoint_every=20",
+    "model.n_embd=8",
+    "model.n_layers=1",
+    "model.fourier_features=false",
+]
+# 12 test digits in batches of 5 (5 + 5 + 2); loose tolerances keep the solves short
+FAST = dict(max_examples=12, batch_size=5, rtol=1e-3, atol=1e-3, device="cpu", progress=False)
+COLUMNS = ("bpd", "bpd_mean_of_bounds", "bpd_importance_weighted", "elbo_bpd")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # tiny models gain nothing from threads, and threads fighting other processes cost ~50x
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    run = tmp_path_factory.mktemp("evaluate") / "run"
+    train(apply_overrides(get_preset("digits_cpu"), TINY), run, progress=False)
+    return run
+
+
+@pytest.fixture(scope="module")
+def reference(ckpt, tmp_path_factory):
+    out = tmp_path_factory.mktemp("eval_reference")
+    return out, evaluate(ckpt, out, **FAST)
+
+
+@pytest.fixture
+def count_batches(monkeypatch):
+    """Record the size of every batch handed to bits_per_dim; optionally fail at call n."""
+    calls: list[int] = []
+    real = evaluate_module.bits_per_dim
+    state = {"fail_at": None}
+
+    def counting(model, x_int, *args, **kwargs):
+        calls.append(len(x_int))
+        if state["fail_at"] == len(calls):
+            raise RuntimeError("simulated kill")
+        return real(model, x_int, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "bits_per_dim", counting)
+    return calls, state
+
+
+def _rows(out):
+    return [json.loads(line) for line in (out / "per_example.jsonl").read_text().splitlines()]
+
+
+def _assert_rows_close(rows, ref_rows):
+    assert [r["index"] for r in rows] == [r["index"] for r in ref_rows]
+    for key in COLUMNS:
+        np.testing.assert_allclose(
+            [r[key] for r in rows], [r[key] for r in ref_rows], rtol=0, atol=1e-6, err_msg=key
+        )
+
+
+def test_eval_json_matches_the_per_example_file(reference, ckpt):
+    out, res = reference
+    assert json.loads((out / "eval.json").read_text()) == res
+    rows = _rows(out)
+    assert [r["index"] for r in rows] == list(range(12))
+    assert not list(out.glob("per_example.rank*"))
+    for key, col in (("bpd", "bpd"), ("elbo", "elbo_bpd"), ("bpd_mean_of_bounds", None)):
+        vals = np.array([r[col or key] for r in rows])
+        s = res[key]
+        assert s["n"] == 12
+        assert s["mean"] == pytest.approx(vals.mean(), rel=1e-12)
+        se = vals.std(ddof=1) / math.sqrt(12)
+        assert s["stderr"] == pytest.approx(se, rel=1e-9)
+        assert s["ci95"] == pytest.approx([vals.mean() - 1.96 * se, vals.mean() + 1.96 * se])
+    assert all(np.isfinite(r["bpd"]) and np.isfinite(r["elbo_bpd"]) for r in rows)
+    # K = 1, not importance weighted: all three estimates coincide up to log q vs E log q
+    assert res["bpd"]["mean"] == res["bpd_mean_of_bounds"]["mean"]
+    nfe = [r["nfe"] for r in rows]
+    assert nfe == [6 * r["steps_per_draw"][0] + 2 for r in rows]
+    assert res["nfe"]["per_example_mean"] == pytest.approx(np.mean(nfe))
+    assert res["nfe"]["per_example_median"] == pytest.approx(np.median(nfe))
+    assert res["nfe"]["per_example_max"] == max(nfe)
+    assert res["nfe"]["batched_total"] >= max(nfe)
+    assert res["checkpoint"]["step"] == 20
+    assert res["checkpoint"]["path"] == str(find_checkpoint(ckpt).resolve())
+    assert res["dataset"]["name"] == "digits" and res["dataset"]["split"] == "test"
+    assert res["dataset"]["num_levels"] == 17 and res["dataset"]["num_examples"] == 12
+    assert "source" in res["dataset"]["info"]
+    st = res["settings"]
+    assert st["dequantization"] == "truncated_normal" and st["divergence"] == "rademacher"
+    assert st["rtol"] == 1e-3 and st["batch_size"] == 5 and st["seed"] == 0 and st["ema"]
+    assert res["torch_version"] and res["device"] == "cpu" and res["wall_seconds"] > 0
+
+
+def test_resume_after_a_kill_computes_only_the_rest(ckpt, reference, tmp_path, count_batches):
+    calls, state = count_batches
+    out = tmp_path / "eval"
+    state["fail_at"] = 2  # killed while solving the second batch
+    with pytest.raises(RuntimeError, match="simulated kill"):
+        evaluate(ckpt, out, **FAST)
+    assert sorted(read_per_example(out)) == list(range(5))
+    assert not (out / "eval.json").exists()
+    calls.clear()
+    state["fail_at"] = None
+    res = evaluate(ckpt, out, **FAST)
+    assert calls == [5, 2]  # examples 5..11 only
+    _assert_rows_close(_rows(out), _rows(reference[0]))
+    assert res["bpd"]["mean"] == pytest.approx(reference[1]["bpd"]["mean"], abs=1e-6)
+    calls.clear()
+    evaluate(ckpt, out, **FAST)  # all done: nothing to solve
+    assert calls == []
+
+
+def test_truncated_last_line_is_recomputed(ckpt, reference, tmp_path, count_batches):
+    calls, _ = count_batches
+    out = tmp_path / "eval"
+    out.mkdir()
+    shutil.copy(reference[0] / "eval_settings.json", out)
+    lines = (reference[0] / "per_example.jsonl").read_text().splitlines(keepends=True)
+    (out / "per_example.jsonl").write_text("".join(lines[:7]) + lines[7][: len(lines[7]) // 2])
+    assert sorted(read_per_example(out)) == list(range(7))
+    evaluate(ckpt, out, **FAST)
+    assert calls == [3, 2]  # 7, 8, 9 of the second batch, then 10, 11
+    _assert_rows_close(_rows(out), _rows(reference[0]))
+
+
+def test_more_examples_extend_an_evaluation(ckpt, reference, tmp_path, count_batches):
+    calls, _ = count_batches
+    out = tmp_path / "eval"
+    shutil.copytree(reference[0], out)
+    res = evaluate(ckpt, out, **{**FAST, "max_examples": 14})
+    assert calls == [2] and res["bpd"]["n"] == 14
+    _assert_rows_close(_rows(out)[:12], _rows(reference[0]))
+
+
+def test_other_settings_in_the_same_directory_are_refused(ckpt, reference, tmp_path):
+    out = tmp_path / "eval"
+    shutil.copytree(reference[0], out)
+    with pytest.raises(
+        EvalSettingsError, match=r"other settings \(seed: saved 0, now 1\).*overwrite"
+    ):
+        evaluate(ckpt, out, **{**FAST, "seed": 1})
+    assert len(read_per_example(out)) == 12  # untouched
+    res = evaluate(ckpt, out, **{**FAST, "seed": 1, "max_examples": 2, "overwrite": True})
+    assert res["bpd"]["n"] == 2 and res["settings"]["seed"] == 1
+    assert sorted(read_per_example(out)) == [0, 1]
+    assert json.loads((out / "eval_settings.json").read_text())["seed"] == 1
+    (out / "eval_settings.json").unlink()
+    with pytest.raises(EvalSettingsError, match="no eval_settings.json"):
+        evaluate(ckpt, out, **FAST)
+
+
+def test_missing_or_corrupt_checkpoint(ckpt, tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        evaluate(tmp_path / "nowhere", tmp_path / "e1", **FAST)
+    bad = tmp_path / "bad"
+    shutil.copytree(find_checkpoint(ckpt), bad)
+    state = bad / "state.safetensors"
+    state.write_bytes(state.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="corrupt checkpoint tensors"):
+        evaluate(bad, tmp_path / "e2", **FAST)
+    with pytest.raises(ConfigError, match="dequantization='gauss'.*truncated_normal"):
+        evaluate(ckpt, tmp_path / "e3", **{**FAST, "dequantization": "gauss"})
