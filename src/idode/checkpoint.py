@@ -167,7 +167,7 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     if p.is_file() and p.name in (STATE_FILE, META_FILE):
         p = p.parent
     if (p / META_FILE).is_file() and (p / STATE_FILE).is_file():
-        return p
+        return p.resolve() if p.is_symlink() else p
     if (p / "checkpoint").exists():
         return find_checkpoint(p / "checkpoint")
     steps = sorted(q for q in (p / "checkpoints").glob("step_*") if (q / META_FILE).is_file())

@@ -1,0 +1,97 @@
+import json
+
+import pytest
+import torch
+
+from idode.checkpoint import build_model
+from idode.config import (
+    PRESETS,
+    ConfigError,
+    apply_overrides,
+    config_from_dict,
+    config_to_dict,
+    get_preset,
+)
+from idode.nets import count_parameters
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_presets_validate_and_round_trip_through_json(name):
+    cfg = get_preset(name)
+    assert cfg.preset == name
+    assert config_from_dict(json.loads(json.dumps(config_to_dict(cfg)))) == cfg
+
+
+def test_official_hyperparameters():
+    c = get_preset("cifar10")
+    assert (c.model.n_embd, c.model.n_layers, c.model.dropout) == (128, 32, 0.1)
+    t = c.train
+    assert (t.lr, t.beta1, t.beta2, t.adam_eps, t.weight_decay) == (2e-4, 0.9, 0.99, 1e-8, 0.01)
+    assert (t.warmup_steps, t.ema_decay, t.batch_size, t.grad_clip) == (100, 0.9999, 128, None)
+    assert t.importance_sampling and t.antithetic and c.model.parameterization == "velocity"
+    assert (c.model.schedule, c.model.gamma_min, c.model.gamma_max) == ("VP", -13.3, 5.0)
+    a = get_preset("cifar10_aug")
+    assert (a.model.n_embd, a.model.with_attention, a.model.dropout) == (256, True, 0.05)
+    assert a.train.batch_size == 1024 and a.data.augment and a.eval.num_samples == 20
+    assert get_preset("imagenet32").data.version == "new"
+    assert get_preset("imagenet32_old").data.version == "old"
+    assert get_preset("imagenet32_old").train.batch_size == 512
+
+
+def test_cifar10_preset_builds_the_30_6m_parameter_unet():
+    with torch.device("meta"):
+        model = build_model(get_preset("cifar10"), (3, 32, 32), 256)
+    assert round(count_parameters(model) / 1e6, 2) == 30.58
+    assert model.net.fourier_freqs == (6.0, 7.0)  # VDM's 2^6, 2^7 for 256 levels
+
+
+def test_overrides_are_typed():
+    cfg = apply_overrides(
+        get_preset("digits_cpu"),
+        [
+            "train.steps=1e3",
+            "train.grad_clip=1.5",
+            "data.root=/data",
+            "train.antithetic=false",
+            "model.fourier_levels=none",
+        ],
+    )
+    assert cfg.train.steps == 1000 and cfg.train.grad_clip == 1.5 and cfg.data.root == "/data"
+    assert cfg.train.antithetic is False and cfg.model.fourier_levels is None
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.stepz=3", "unknown config key 'train.stepz'; valid keys in 'train': .*steps"),
+        ("trian.steps=3", "unknown config section 'trian'"),
+        ("steps=3", "needs a section"),
+        ("train.steps", "expects key=value"),
+        ("train.steps=many", "expected int"),
+        ("model.schedule=cosine", "choose one of VP, SP"),
+        ("train.precision=fp16", "not supported"),
+        ("train.batch_size=10", None),  # fine alone
+        ("model.parameterization=eps", None),
+    ],
+)
+def test_bad_overrides_get_one_clear_error(override, message):
+    base = get_preset("digits_cpu")
+    if message is None:
+        apply_overrides(base, [override])
+        return
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(base, [override])
+
+
+def test_inconsistent_config_is_refused():
+    with pytest.raises(ConfigError, match="needs model.parameterization=velocity"):
+        apply_overrides(
+            get_preset("digits_cpu"),
+            ["model.parameterization=eps", "train.second_order_weight=0.1"],
+        )
+    with pytest.raises(ConfigError, match="divisible"):
+        apply_overrides(get_preset("digits_cpu"), ["train.grad_accum=3"])
+    d = config_to_dict(get_preset("digits_cpu"))
+    d["train"]["learning_rate"] = 1.0
+    with pytest.raises(ConfigError, match="'learning_rate'"):
+        config_from_dict(d)
