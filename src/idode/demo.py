@@ -47,7 +47,7 @@ def run_demo(
     if quick:
         overrides += ["train.eval_every=50", "model.n_embd=16", "data.eval_examples=64"]
     cfg = apply_overrides(get_preset("digits_cpu"), overrides)
-    max_examples = 48 if quick else None  # the whole 300-image test split otherwise
+    max_examples = 24 if quick else None  # the whole 300-image test split otherwise
 
     print(f"[idode demo] training {cfg.preset} for {steps} steps into {out} ...", flush=True)
     if (out / "checkpoint").exists():
@@ -77,7 +77,7 @@ def run_demo(
     t_eval = time.time() - t1
 
     print("[idode demo] sampling ...", flush=True)
-    samples = sample_to_files(ckpt, out / "samples", 64, progress=progress)
+    samples = sample_to_files(ckpt, out / "samples", 16 if quick else 64, progress=progress)
     test = load_dataset("digits", "test")
     save_image_grid(test.images[:64], test.num_levels, out / "real_digits.png", title="real")
 
@@ -176,7 +176,7 @@ def _report(cfg, results, samples, t_train, t_eval, t_all, quick, out) -> str:
     tau = math.exp(-cfg.model.gamma_min / 2) / 17
     m = cfg.model
     quick_note = (
-        "\n> This is a `--quick` smoke run: few steps, a tiny network, 48 test images. "
+        "\n> This is a `--quick` smoke run: few steps, a tiny network, 24 test images. "
         "Run `idode demo` for the real numbers.\n"
         if quick
         else ""
