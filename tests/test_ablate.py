@@ -1,0 +1,144 @@
+"""The ablation driver: statistics helpers, settings, and the --quick grid end to end."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from idode import ablate
+from idode.ablate import CLAIMS, FIGURES, RUNS, ablation_settings, render_results_md, run_ablation
+
+
+def test_paired_summary_and_verdict():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=400)
+    b = a - 0.5 + 0.1 * rng.normal(size=400)  # b is lower by 0.5 on every example
+    s = ablate._paired(a, b)
+    assert s["n"] == 400
+    assert s["mean"] == pytest.approx(0.5, abs=0.03)
+    # the paired interval is narrow although a and b vary a lot
+    assert s["ci95"][1] - s["ci95"][0] < 0.05
+    assert s["ci95"][0] == pytest.approx(s["mean"] - 1.959964 * s["se"])
+    assert ablate._verdict(s["ci95"]) == "held"
+    assert ablate._verdict([-0.2, -0.1]) == "did not hold"
+    assert ablate._verdict([-0.1, 0.2]) == "inconclusive"
+    assert ablate._verdict([1.1, 3.0], null=1.0) == "held"
+
+
+def test_trace_cov_matches_numpy():
+    rng = np.random.default_rng(1)
+    g = rng.normal(size=(30, 7)) + 3.0
+    c = g - g.mean(0)
+    idx = np.arange(30)
+    want = np.trace(np.cov(g, rowvar=False))
+    assert ablate._trace_cov(c @ c.T, idx) == pytest.approx(want)
+    boot = rng.integers(0, 30, 30)
+    assert ablate._trace_cov(c @ c.T, boot) == pytest.approx(np.trace(np.cov(g[boot].T)))
+
+
+def test_iw_bound_groups():
+    # equal per-draw bounds: every IW bound equals them (the -log K cancels the sum)
+    x = np.full((3, 16), -100.0)
+    for k in (1, 4, 16):
+        groups = x.reshape(3, 16 // k, k)
+        assert np.allclose(ablate._logmeanexp(groups, 2), -100.0)
+
+
+def test_settings():
+    full = ablation_settings("digits")
+    assert full.steps == 3000 and full.finetune_steps == 750 and full.rtol == 1e-5
+    assert full.curve_examples == 300  # the whole digits test split
+    s = ablation_settings("digits", steps=400)
+    assert s.steps == 400 and s.finetune_steps == 100
+    assert ablation_settings("mnist", quick=True).quick
+    with pytest.raises(ValueError, match="unknown ablation preset"):
+        ablation_settings("cifar10")
+    cfg = ablate.run_config(full, "eps_uniform")
+    assert cfg.model.parameterization == "eps" and not cfg.train.importance_sampling
+    assert ablate.run_config(full, "velocity_is_sp").model.schedule == "SP"
+    ft = ablate._finetune_cfg(full, 0.1)
+    assert ft.train.steps == 3750 and ft.train.second_order_weight == 0.1
+
+
+def _numbers(obj, path=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _numbers(v, f"{path}.{k}")
+    elif isinstance(obj, list):
+        for i, v in enumerate(obj):
+            yield from _numbers(v, f"{path}[{i}]")
+    elif isinstance(obj, int | float) and not isinstance(obj, bool):
+        yield path, obj
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ablate")
+    path = run_ablation("digits", out, quick=True, progress=False)
+    return out, path
+
+
+@pytest.mark.slow
+def test_quick_grid(quick_run):
+    out, path = quick_run
+    assert path == out / "results.json"
+    res = json.loads(path.read_text())
+    for where, x in _numbers(res):
+        assert math.isfinite(x), where
+    s = res["settings"]
+    assert s["quick"]
+    # 1, 2, 5: every training run, with its learning curve and its final ODE bits/dim
+    for name in RUNS:
+        run = res["runs"][name]
+        assert len(run["curve"]["steps"]) == s["segments"] == len(run["curve"]["mean"])
+        assert run["curve"]["steps"][-1] == s["steps"]
+        assert res["ode"][name]["bpd"]["n"] == s["ode_examples"]
+        assert res["ode"][name]["nfe"]["mean"] >= 8  # at least one Dopri5 step
+    for key in ("velocity_vs_eps_is", "velocity_vs_eps_uniform", "ode_eps_is_minus_velocity_is"):
+        assert key in res["parameterization"]
+    for label in ("init", "trained"):
+        v = res["variance"][label]
+        assert len(v["importance"]["loss"]) == s["variance_batches"]
+        for k in ("loss_var", "grad_norm_var", "grad_trace_var"):
+            r = v["ratio_uniform_over_importance"][k]
+            assert r["ratio"] > 0 and 0 < r["ci95"][0] <= r["ci95"][1]
+    # 3: second-order finetuning vs first-order continuation
+    ft = res["finetune"]
+    assert ft["extra_steps"] == s["finetune_steps"]
+    assert res["ode"][ablate.FT2]["bpd"]["n"] == res["ode"][ablate.FT1]["bpd"]["n"]
+    assert ft["cost_ratio_second_over_first"] > 0
+    # 4: every dequantization and K
+    entries = res["dequantization"]["entries"]
+    for key in ("uniform", "variational", "tn_k1", "iw_k1", "iw_k4", "iw_k16"):
+        assert entries[key]["bpd"]["n"] == s["deq_examples"]
+    # IW with K draws costs K solves
+    assert entries["iw_k16"]["nfe"]["mean"] > 10 * entries["iw_k1"]["nfe"]["mean"]
+    # one line per claim, every claim with a verdict
+    assert [c["id"] for c in res["claims"]] == list(CLAIMS)
+    for c in res["claims"]:
+        assert c["verdict"]
+    # the report is generated from the JSON alone and names every claim and figure
+    md = (out / "results.md").read_text()
+    assert md == render_results_md(res, "figures")
+    for cid in CLAIMS:
+        assert f"**{cid} — " in md
+    for name in FIGURES.values():
+        assert (out / "figures" / name).stat().st_size > 1000
+        assert f"figures/{name}" in md
+    assert res["meta"]["command"] in md
+    assert (out / "per_example.json").is_file()
+
+
+@pytest.mark.slow
+def test_render_docs(quick_run, tmp_path):
+    out, path = quick_run
+    md_path = ablate.render_docs(path, tmp_path / "docs")
+    assert md_path.read_text() == (out / "results.md").read_text()
+    assert json.loads((tmp_path / "docs" / "results.json").read_text()) == json.loads(
+        path.read_text()
+    )
+    for name in FIGURES.values():
+        assert (tmp_path / "docs" / "figures" / name).is_file()
+    # the module entry point re-renders in place
+    assert ablate.main(["--render", str(tmp_path / "docs" / "results.json")]) == 0
