@@ -53,15 +53,6 @@ WORKER = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # this process evaluates too; threads fighting other processes cost ~50x on 2 cores
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))

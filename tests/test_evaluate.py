@@ -4,7 +4,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from idode import evaluate as evaluate_module
 from idode.checkpoint import CheckpointError, find_checkpoint
@@ -23,15 +22,6 @@ TINY = [
 # 12 test digits in batches of 5 (5 + 5 + 2); loose tolerances keep the solves short
 FAST = dict(max_examples=12, batch_size=5, rtol=1e-3, atol=1e-3, device="cpu", progress=False)
 COLUMNS = ("bpd", "bpd_mean_of_bounds", "bpd_importance_weighted", "elbo_bpd")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models gain nothing from threads, and threads fighting other processes cost ~50x
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

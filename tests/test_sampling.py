@@ -18,15 +18,6 @@ TINY = [
 FAST = dict(rtol=1e-3, atol=1e-3, device="cpu", progress=False)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny models gain nothing from threads, and threads fighting other processes cost ~50x
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     run = tmp_path_factory.mktemp("sample") / "run"
