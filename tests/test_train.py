@@ -142,3 +142,20 @@ def test_missing_and_corrupt_checkpoints(tmp_path, uninterrupted):
     (bad / "meta.json").write_text("{not json")
     with pytest.raises(CheckpointError, match="corrupt checkpoint metadata"):
         load_checkpoint(bad)
+
+
+def test_augmented_training_feeds_the_conditioning_flag(tmp_path, monkeypatch):
+    from idode.nets import ScoreUNet
+
+    seen = []
+    real_forward = ScoreUNet.forward
+
+    def spy(self, z, gamma, conditioning=None):
+        seen.append(conditioning)
+        return real_forward(self, z, gamma, conditioning)
+
+    monkeypatch.setattr(ScoreUNet, "forward", spy)
+    res = train(_cfg("data.augment=true", "train.steps=3"), tmp_path / "aug", progress=False)
+    assert res.step == 3 and math.isfinite(res.metrics["train/loss_bpd"])
+    flags = torch.cat([c for c in seen if c is not None])
+    assert set(flags.tolist()) == {0.0, 1.0}  # about 3/4 of images get some augmentation
