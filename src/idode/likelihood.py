@@ -29,6 +29,7 @@ from idode.dequantization import (
 )
 from idode.divergence import PROBE_KINDS, exact_divergence, hutchinson_divergence, sample_probes
 from idode.losses import check_model_input, diffusion_loss_terms
+from idode.nets.unet import first_order_input_gradients
 from idode.parameterization import DiffusionODE, check_choice
 from idode.rng import Generators
 from idode.solvers import solve_ivp
@@ -140,7 +141,8 @@ def log_likelihood(
     y0 = torch.cat(
         [z.detach().to(torch.float64).flatten(1), z.new_zeros(b, 1, dtype=torch.float64)], 1
     )
-    with eval_mode(model), torch.no_grad():
+    # one VJP per step, never differentiated again: the UNet may use its fused attention
+    with eval_mode(model), torch.no_grad(), first_order_input_gradients():
         sol = solve_ivp(field_, y0, g0, s.gamma_max, rtol=rtol, atol=atol)
     z_end = sol.y[:, :d].reshape(b, *shape)
     delta = sol.y[:, d]

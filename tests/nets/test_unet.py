@@ -333,3 +333,28 @@ def test_make_net():
         make_net("transformer", (1, 8, 8))
     with pytest.raises(ValueError, match=r"\(C, H, W\)"):
         make_net("unet", (64,))
+
+
+def test_first_order_input_gradients_uses_fused_attention_with_the_same_divergence():
+    from idode.divergence import exact_divergence, hutchinson_divergence, sample_probes
+    from idode.nets import first_order_input_gradients
+
+    torch.manual_seed(0)
+    net = ScoreUNet(in_channels=1, n_embd=8, n_layers=1, with_attention=True, dropout=0.0)
+    for p in net.parameters():  # leave the zero-init: a non-trivial map
+        torch.nn.init.normal_(p, std=0.2)
+    net = net.double()
+    z = torch.randn(2, 1, 4, 4, dtype=torch.float64)
+    g = torch.tensor([-3.0, 1.0], dtype=torch.float64)
+    fn = lambda x: net(x, g)  # noqa: E731
+    u = sample_probes(z.shape, "rademacher", dtype=torch.float64)
+    _, ref_h = hutchinson_divergence(fn, z, u)
+    _, ref_e = exact_divergence(fn, z, chunk_size=5)
+    with first_order_input_gradients():
+        _, fast_h = hutchinson_divergence(fn, z, u)
+        _, fast_e = exact_divergence(fn, z, chunk_size=5)
+        with pytest.raises(RuntimeError):  # the fused kernel has no double backward
+            _, div = hutchinson_divergence(fn, z, u, create_graph=True)
+            torch.autograd.grad(div.sum(), list(net.parameters()))
+    torch.testing.assert_close(fast_h, ref_h)
+    torch.testing.assert_close(fast_e, ref_e)

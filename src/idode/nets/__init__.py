@@ -12,9 +12,17 @@ from typing import Literal
 from torch import nn
 
 from idode.nets.mlp import MLP
-from idode.nets.unet import ScoreUNet
+from idode.nets.unet import ScoreUNet, first_order_input_gradients
 
-__all__ = ["MLP", "ScoreUNet", "NET_KINDS", "NetKind", "make_net", "count_parameters"]
+__all__ = [
+    "MLP",
+    "ScoreUNet",
+    "first_order_input_gradients",
+    "NET_KINDS",
+    "NetKind",
+    "make_net",
+    "count_parameters",
+]
 
 NetKind = Literal["unet", "mlp"]
 NET_KINDS: tuple[str, ...] = ("unet", "mlp")
