@@ -48,6 +48,16 @@ WORKER = textwrap.dedent(
     out = evaluate(run_dir, eval_dir, **json.loads(eval_kwargs))
     with open(f"{eval_dir}/returned.rank{rank}.json", "w") as f:
         json.dump(out, f)
+    # second-order finetuning under DDP: the double backward must keep the replicas identical
+    from idode.checkpoint import load_checkpoint
+    from idode.train import finetune_config
+    ck = load_checkpoint(run_dir)
+    ft = train(finetune_config(ck.config, ck.step, 2), run_dir + "_ft", init_from=run_dir,
+               progress=False)
+    torch.save({"model": ft.model.state_dict(), "ema": ft.ema.state_dict(),
+                "loss": ft.metrics["train/loss_bpd"], "step": ft.step,
+                "second": ft.metrics["train/second_order_bpd"]},
+               f"{run_dir}_ft/replica.rank{rank}.pt")
     torch.distributed.destroy_process_group()
     """
 )
@@ -111,6 +121,18 @@ def test_ddp_replicas_stay_identical(two_ranks):
     assert any(not torch.equal(r0["model"][k], r0["ema"][k]) for k in r0["model"])
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]  # rank 0 logs alone
+
+
+def test_ddp_second_order_finetuning_keeps_replicas_identical(two_ranks):
+    run_dir, _ = two_ranks
+    ft = run_dir.parent / (run_dir.name + "_ft")
+    r0, r1 = (torch.load(ft / f"replica.rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["step"] == r1["step"] == 8 and r0["second"] > 0
+    base = load_checkpoint(run_dir).section("model")
+    for k in r0["model"]:
+        assert torch.equal(r0["model"][k], r1["model"][k]), f"model/{k} differs between ranks"
+        assert torch.equal(r0["ema"][k], r1["ema"][k]), f"ema/{k} differs between ranks"
+    assert any(not torch.equal(r0["model"][k], base[k]) for k in base)  # it did train
 
 
 def test_sharded_evaluation_matches_one_process(two_ranks, tmp_path, monkeypatch):

@@ -70,7 +70,7 @@ class ModelConfig:
 class TrainConfig:
     steps: int = 6_000_000  # optimizer steps to train for (in total, counting resumed ones)
     batch_size: int = 128  # global batch per optimizer step, split over ranks and micro-steps
-    grad_accum: int = 1  # micro-batches per optimizer step
+    grad_accum: int = 1  # micro-batches per optimizer step (steps count optimizer updates)
     lr: float = 2e-4  # AdamW learning rate after warm-up
     warmup_steps: int = 100  # linear warm-up from 1e-8 to lr
     beta1: float = 0.9  # AdamW beta1
