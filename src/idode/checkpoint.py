@@ -246,11 +246,14 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
 def load_model(
     path: str | os.PathLike, *, ema: bool = True, device: str | torch.device = "cpu"
 ) -> tuple[DiffusionODE, LoadedCheckpoint]:
-    """The model of a checkpoint with its EMA (default) or raw weights, in eval mode."""
+    """The model of a checkpoint with its EMA (default) or raw weights, in eval mode.
+
+    Refuses ``ema=True`` for a checkpoint without EMA weights rather than silently using others.
+    """
     ck = load_checkpoint(path)
     shape = tuple(ck.meta["extra"].get("data_shape") or ())
     if not shape:
         raise CheckpointError(f"checkpoint {ck.path} does not record the data shape")
     model = build_model(ck.config, shape, int(ck.meta["extra"].get("num_levels", 256)))
-    ck.load_into(model, "ema" if ema and ck.section("ema") else "model")
+    ck.load_into(model, "ema" if ema else "model")
     return model.to(device).eval(), ck

@@ -88,7 +88,7 @@ def evaluate(
         else "cpu"
     )
     env = dist_env(dev_kind)
-    dev = resolve_device(device, env)
+    dev = resolve_device(device, env, key="--device")
     model, ck = load_model(ckpt_dir, ema=ema, device=dev)
     cfg = ck.config
     root = data_root if data_root is not None else cfg.data.root

@@ -48,7 +48,7 @@ def sample_to_files(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     tic = time.perf_counter()
-    dev = resolve_device(device, DistEnv())
+    dev = resolve_device(device, DistEnv(), key="--device")
     model, ck = load_model(checkpoint, ema=ema, device=dev)
     extra = ck.meta.get("extra", {})
     if "data_shape" not in extra or "num_levels" not in extra:

@@ -72,12 +72,13 @@ def dist_env(device_kind: str) -> DistEnv:
     return env
 
 
-def resolve_device(spec: str, env: DistEnv) -> torch.device:
+def resolve_device(spec: str, env: DistEnv, key: str = "train.device") -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a device (cuda means this rank's local GPU)."""
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise ConfigError(f"train.device={spec!r} but CUDA is not available; use cpu")
+            raise ConfigError(f"{key}={spec!r} but CUDA is not available; use cpu")
         if spec == "cuda":
             spec = f"cuda:{env.local_rank}"
         torch.cuda.set_device(torch.device(spec))
