@@ -18,7 +18,12 @@ from idode.evaluate import evaluate
 TINY = [
     "train.steps=6",
     "train.batch_size=16",
-    "train.eval_every=0",
+    "train.eval_every=3",
+    "train.ode_eval_every=6",
+    "data.eval_examples=40",
+    "data.ode_eval_examples=6",
+    "eval.rtol=1e-3",
+    "eval.atol=1e-3",
     "train.log_every=1",
     "train.checkpoint_every=6",
     "model.n_embd=8",
@@ -119,8 +124,21 @@ def test_ddp_replicas_stay_identical(two_ranks):
         assert all(torch.equal(saved[k], r0[part][k]) for k in r0[part])
     # the weights did move: the raw weights differ from their EMA after 6 steps
     assert any(not torch.equal(r0["model"][k], r0["ema"][k]) for k in r0["model"])
-    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4, 5, 6]  # rank 0 logs alone
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss_bpd" in r]
+    assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6]  # rank 0 logs alone
+    # the sharded periodic evaluation equals one process evaluating everything
+    evals = [r for r in rows if "eval/sde_bpd" in r]
+    assert [r["step"] for r in evals] == [3, 6] and "eval/ode_bpd_tn" in evals[-1]
+    from idode.checkpoint import load_model
+    from idode.data import load_dataset, subset
+    from idode.train import periodic_eval
+
+    ema, ck = load_model(run_dir)
+    x_eval = subset(load_dataset("digits", "test"), 40, seed=0).as_tensor()
+    single = periodic_eval(ema, x_eval, 17, ck.config, ode=True, step=6)
+    for key, value in single.items():
+        assert evals[-1][key] == pytest.approx(value, abs=1e-6), key
 
 
 def test_ddp_second_order_finetuning_keeps_replicas_identical(two_ranks):
