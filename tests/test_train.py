@@ -159,3 +159,18 @@ def test_augmented_training_feeds_the_conditioning_flag(tmp_path, monkeypatch):
     assert res.step == 3 and math.isfinite(res.metrics["train/loss_bpd"])
     flags = torch.cat([c for c in seen if c is not None])
     assert set(flags.tolist()) == {0.0, 1.0}  # about 3/4 of images get some augmentation
+
+
+def test_resume_with_another_world_size_is_refused(tmp_path, uninterrupted):
+    import shutil
+
+    from idode.config import ConfigError
+
+    run = tmp_path / "run"
+    shutil.copytree(uninterrupted.run_dir, run, symlinks=True)
+    meta_path = find_checkpoint(run) / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["extra"]["world_size"] = 2
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="written by 2 process"):
+        train(_cfg("train.steps=14"), run, resume=True, progress=False)

@@ -330,6 +330,14 @@ def train(
         ck.load_optimizer(optimizer)
         step = ck.step
         if resume:
+            saved_world = int(ck.meta["extra"].get("world_size", 1))
+            if saved_world != env.world_size:
+                raise ConfigError(
+                    f"{ck.path} was written by {saved_world} process(es) but this run has "
+                    f"{env.world_size}: resume with the same number of processes to reproduce the "
+                    f"interrupted run exactly, or continue with `idode finetune --from {ck.path} "
+                    f"--weight 0` on any number"
+                )
             loader.load_state_dict(ck.meta["extra"]["loader"][env.rank])
             _set_rng_state(ck.section(f"rng/rank{env.rank}"), gen, device)
     last_ckpt: Path | None = source if resume else None
