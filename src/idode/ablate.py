@@ -1036,7 +1036,8 @@ def run_ablation(
     wall = time.time() - t0
     meta = {
         "command": command,
-        "render_command": f"python -m idode.ablate --render {out}/results.json --docs docs",
+        "render_command": f"python -m idode.ablate --render {out}/results.json --docs "
+        + ("docs" if preset == "digits" else f"docs/{preset}"),
         "preset": preset,
         "quick": quick,
         "started_unix": t0,
