@@ -21,16 +21,14 @@ from idode.likelihood import (
     BPDResult,
     ELBOResult,
     LogLikelihoodResult,
-    SampleResult,
     bits_per_dim,
     elbo,
     elbo_bits_per_dim,
     log_likelihood,
-    ode_sample,
-    sample,
 )
 from idode.losses import LossTerms, diffusion_loss, diffusion_loss_terms
 from idode.parameterization import PARAMETERIZATIONS, DiffusionODE
+from idode.sampler import SampleResult, ode_sample, sample
 from idode.schedules import Schedule, SPSchedule, VPSchedule, make_schedule
 
 __version__ = "0.1.0"

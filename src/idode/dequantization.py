@@ -61,6 +61,11 @@ def bin_centers(x_int: Tensor, num_levels: int, dtype: torch.dtype = torch.float
     return (2.0 * x_int.to(dtype) + 1.0) / num_levels - 1.0
 
 
+def nearest_level(y: Tensor, num_levels: int) -> Tensor:
+    """The inverse of ``bin_centers``: the grey level whose bin holds y [..] in [-1, 1] (int64)."""
+    return torch.floor((y + 1.0) * num_levels / 2.0).clamp(0, num_levels - 1).long()
+
+
 # --------------------------------------------------------------------------------------------------
 # Dequantizations (method.md §7). Each turns k into a continuous starting point z for the ODE at
 # gamma_start and gives log q(z | k), the density of that draw, so that
@@ -71,7 +76,7 @@ def bin_centers(x_int: Tensor, num_levels: int, dtype: torch.dtype = torch.float
 DEQUANTIZATIONS: tuple[str, ...] = ("truncated_normal", "uniform", "variational")
 Dequantization = Literal["truncated_normal", "uniform", "variational"]
 UNIFORM_GAMMA_START = -11.8  # the official code's start for uniform dequantization (method.md §7.1)
-_LOG_2PI = math.log(2.0 * math.pi)
+LOG_2PI = math.log(2.0 * math.pi)  # the one home of log 2 pi (Gaussian densities)
 
 
 @dataclass
@@ -187,7 +192,7 @@ def dequantize(
         )
     z = alpha_min * centers + sigma_min * eps
     # log q = sum_i [log phi(eps_i) - log Z_tau - log sigma_min]
-    const = -d * (0.5 * _LOG_2PI + log_sigma_min + log_norm)
+    const = -d * (0.5 * LOG_2PI + log_sigma_min + log_norm)
     log_q = const - 0.5 * eps.square().flatten(1).sum(1)
     expected = torch.full_like(zeros, const - 0.5 * d * second_moment)
     log_dec = zeros

@@ -21,7 +21,6 @@ The device *type* is part of it: CPU and CUDA generators draw different streams.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -225,13 +224,7 @@ def evaluate(
 
 def _elbo_generators(seed: int, indices: list[int], device: torch.device) -> list[torch.Generator]:
     # a stream of its own for the SDE bound, so it shares no draws with the dequantization noise
-    gens = []
-    for i in indices:
-        h = hashlib.sha256(f"idode/elbo/{seed}/{i}".encode()).digest()
-        g = torch.Generator(device=device)
-        g.manual_seed(int.from_bytes(h[:8], "little") % (2**63 - 1))
-        gens.append(g)
-    return gens
+    return example_generators(seed, indices, device, purpose="elbo")
 
 
 def _evaluate_batch(

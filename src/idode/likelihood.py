@@ -1,4 +1,4 @@
-"""Exact likelihood through the probability-flow ODE, bits/dim, the SDE bound and ODE sampling.
+"""Exact likelihood through the probability-flow ODE, bits/dim, and the SDE bound (ELBO).
 
 Float64 boundary (method.md §11): the ODE state (z, l) and every log-density lives in float64; the
 network runs in its own dtype inside ``DiffusionODE.predict`` and its output is cast back there.
@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from idode import rng
 from idode.dequantization import (
     DEQUANTIZATIONS,
+    LOG_2PI,
     UNIFORM_GAMMA_START,
     Dequantization,
     bin_centers,
@@ -38,18 +39,14 @@ __all__ = [
     "BPDResult",
     "ELBOResult",
     "LogLikelihoodResult",
-    "SampleResult",
     "bits_per_dim",
     "elbo",
     "elbo_bits_per_dim",
     "log_likelihood",
-    "ode_sample",
-    "sample",
 ]
 
 Divergence = Literal["exact", "rademacher", "gaussian"]
 DIVERGENCES: tuple[str, ...] = ("exact", *PROBE_KINDS)
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 @contextlib.contextmanager
@@ -66,9 +63,7 @@ def eval_mode(module: nn.Module):
 def gaussian_log_prob(z: Tensor, variance: float) -> Tensor:
     """log N(z; 0, variance I), summed over all but the batch dim: [B]."""
     d = z[0].numel()
-    return (
-        -0.5 * d * (_LOG_2PI + math.log(variance)) - 0.5 * z.flatten(1).square().sum(1) / variance
-    )
+    return -0.5 * d * (LOG_2PI + math.log(variance)) - 0.5 * z.flatten(1).square().sum(1) / variance
 
 
 def _probes(num_probes: int, shape: tuple, kind: str, generator: Generators, device) -> Tensor:
@@ -339,66 +334,24 @@ def elbo(
 
 
 def elbo_bits_per_dim(
-    model: DiffusionODE, x_int: Tensor, num_levels: int = 256, **kwargs
-) -> Tensor:
-    """The SDE bound in bits/dim, [B]; see ``elbo`` for options."""
-    return elbo(model, x_int, num_levels, **kwargs).bpd
-
-
-# --------------------------------------------------------------------------------------------------
-# Sampling (method.md §6.2)
-# --------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class SampleResult:
-    samples: Tensor  # [N, ...] int64 grey levels
-    z0: Tensor  # [N, ...] float64 ODE state at gamma_min
-    nfe: int
-
-
-def ode_sample(
     model: DiffusionODE,
-    num_samples: int = 16,
-    shape: tuple[int, ...] = (3, 32, 32),
-    *,
+    x_int: Tensor,
     num_levels: int = 256,
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    *,
+    importance_sampling: bool = True,
+    antithetic: bool = True,
+    prior: Literal["sigma_max", "unit"] = "sigma_max",
     generator: Generators = None,
-    device: torch.device | str | None = None,
-    noise: Tensor | None = None,
     net_kwargs: dict | None = None,
-) -> SampleResult:
-    """Integrate the ODE from x(gamma_max) = sigma_max * noise down to gamma_min and decode."""
-    s = model.schedule
-    if device is None:
-        params = list(model.parameters())
-        device = params[0].device if params else "cpu"
-    if noise is None:
-        noise = rng.randn((num_samples, *shape), generator, device=device, dtype=torch.float64)
-    n, shape = noise.shape[0], tuple(noise.shape[1:])
-    kw = net_kwargs or {}
-
-    def field_(t: Tensor, y: Tensor) -> Tensor:
-        x = y.reshape(n, *shape)
-        return model.drift(x, t, **kw).flatten(1)
-
-    y0 = (math.sqrt(s.sigma2_max) * noise.to(torch.float64)).flatten(1)
-    with eval_mode(model), torch.no_grad():
-        sol = solve_ivp(field_, y0, s.gamma_max, s.gamma_min, rtol=rtol, atol=atol)
-    z0 = sol.y.reshape(n, *shape)
-    # argmax of the decoder logits = the nearest bin centre to z0 / alpha_min (single division)
-    y = z0 / s.alpha_min
-    k = torch.floor((y + 1.0) * num_levels / 2.0).clamp(0, num_levels - 1).long()
-    return SampleResult(k, z0, sol.nfe)
-
-
-def sample(
-    model: DiffusionODE,
-    num_samples: int = 16,
-    shape: tuple[int, ...] = (3, 32, 32),
-    **kwargs,
 ) -> Tensor:
-    """ODE samples decoded to integer grey levels, [num_samples, *shape] int64."""
-    return ode_sample(model, num_samples, shape, **kwargs).samples
+    """The SDE bound in bits/dim, [B] float64; the options are those of ``elbo``."""
+    return elbo(
+        model,
+        x_int,
+        num_levels,
+        importance_sampling=importance_sampling,
+        antithetic=antithetic,
+        prior=prior,
+        generator=generator,
+        net_kwargs=net_kwargs,
+    ).bpd

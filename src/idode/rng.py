@@ -7,12 +7,13 @@ takes ``generator=`` also accepts a sequence of generators, one per example alon
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["Generators", "rand", "randn", "randint", "example_generators"]
+__all__ = ["Generators", "example_generators", "rand", "randint", "randn", "stream", "stream_seed"]
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
 
@@ -45,15 +46,33 @@ def randint(high: int, shape, generator: Generators = None, *, batch_dim: int = 
     )
 
 
+def stream_seed(seed: int, purpose: str, index: int = 0) -> int:
+    """A 63-bit seed from (seed, purpose, index) by hashing: distinct triples, unrelated streams.
+
+    A linear formula such as ``seed * 1_000_003 + index`` gives (0, 1_000_003) the stream of
+    (1, 0); ImageNet-32 has 1.28M training images. BLAKE2b of the three values cannot collide
+    that way.
+    """
+    key = f"{int(seed)}\x1f{purpose}\x1f{int(index)}".encode()
+    return int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little") >> 1
+
+
+def stream(
+    seed: int, purpose: str, index: int = 0, device: torch.device | str = "cpu"
+) -> torch.Generator:
+    """The generator of stream (seed, purpose, index), e.g. (eval seed, "dequantization", i)."""
+    g = torch.Generator(device=device)
+    g.manual_seed(stream_seed(seed, purpose, index))
+    return g
+
+
 def example_generators(
-    seed: int, indices: Sequence[int] | Tensor, device: torch.device | str = "cpu"
+    seed: int,
+    indices: Sequence[int] | Tensor,
+    device: torch.device | str = "cpu",
+    purpose: str = "example",
 ) -> list[torch.Generator]:
-    """One generator per example, seeded from (seed, example index) alone."""
+    """One generator per example, from (seed, purpose, example index) alone."""
     if isinstance(indices, Tensor):
         indices = indices.tolist()
-    gens = []
-    for i in indices:
-        g = torch.Generator(device=device)
-        g.manual_seed((int(seed) * 1_000_003 + int(i)) % (2**63 - 1))
-        gens.append(g)
-    return gens
+    return [stream(seed, purpose, int(i), device) for i in indices]

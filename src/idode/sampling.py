@@ -39,8 +39,8 @@ def sample_to_files(
     the wall time.
     """
     from idode.checkpoint import CheckpointError, load_model
-    from idode.likelihood import ode_sample
     from idode.rng import example_generators
+    from idode.sampler import ode_sample
     from idode.train import DistEnv, resolve_device
 
     if not isinstance(num_samples, int) or num_samples < 1:
