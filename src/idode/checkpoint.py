@@ -1,4 +1,4 @@
-"""Models from configs, and checkpoints on disk: safetensors for tensors, JSON for the rest.
+"""Checkpoints on disk: safetensors for tensors, JSON for the rest; save, find and load.
 
 A checkpoint is a directory ``RUN/checkpoints/step_00001000/`` holding ``state.safetensors``
 (weights, EMA weights, optimizer moments, RNG states) and ``meta.json`` (config, step, optimizer
@@ -10,11 +10,10 @@ symlink to the newest one, replaced atomically. No pickled code is ever stored.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from idode.config import Config, ConfigError, config_from_dict, config_to_dict
+from idode.model import build_model
 from idode.parameterization import DiffusionODE
-from idode.schedules import make_schedule
 
 __all__ = [
     "CheckpointError",
     "LoadedCheckpoint",
-    "build_model",
+    "build_model",  # re-exported from idode.model
     "find_checkpoint",
     "load_checkpoint",
     "load_model",
@@ -41,41 +40,6 @@ STATE_FILE, META_FILE = "state.safetensors", "meta.json"
 
 class CheckpointError(RuntimeError):
     """A missing, incomplete or corrupt checkpoint."""
-
-
-def build_model(cfg: Config, data_shape: tuple[int, ...], num_levels: int = 256) -> DiffusionODE:
-    """The DiffusionODE (network + schedule + parameterization) a config describes."""
-    from idode.nets import make_net
-
-    m = cfg.model
-    if m.net == "unet":
-        # Fourier periods of 2 bins and 1 bin of the data's grey levels (VDM: 2^6, 2^7 for 256)
-        levels = m.fourier_levels or num_levels
-        net = make_net(
-            "unet",
-            data_shape,
-            n_embd=m.n_embd,
-            n_layers=m.n_layers,
-            with_attention=m.with_attention,
-            dropout=m.dropout,
-            with_fourier_features=m.fourier_features,
-            fourier_freqs=(math.log2(levels / 4), math.log2(levels / 2)),
-            gamma_min=m.gamma_min,
-            gamma_max=m.gamma_max,
-            checkpoint=m.checkpoint,
-        )
-    else:
-        net = make_net(
-            "mlp",
-            data_shape,
-            hidden=m.mlp_hidden,
-            depth=m.mlp_depth,
-            dropout=m.dropout,
-            gamma_min=m.gamma_min,
-            gamma_max=m.gamma_max,
-        )
-    schedule = make_schedule(m.schedule, m.gamma_min, m.gamma_max)
-    return DiffusionODE(net, schedule, m.parameterization)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -183,11 +147,19 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 
 @dataclass
 class LoadedCheckpoint:
-    path: Path
-    step: int
+    """What a checkpoint carries, typed: weights by section, the config, and the run's state."""
+
+    path: Path  # the step directory
+    step: int  # optimizer steps taken
     config: Config
-    tensors: dict[str, Tensor]
-    meta: dict
+    tensors: dict[str, Tensor]  # "model/...", "ema/...", "optim/...", "rng/rank{r}/..."
+    meta: dict  # meta.json as written (format_version, step, config, optimizer, extra)
+    data_shape: tuple[int, ...] = ()  # one example's shape [C, H, W]
+    num_levels: int = 256  # grey levels of the data it was trained on
+    world_size: int = 1  # processes that wrote it (resume needs the same number)
+    loader_states: list[dict] = field(default_factory=list)  # per rank, for an exact resume
+    dataset: dict = field(default_factory=dict)  # name and file info of the training data
+    metrics: dict = field(default_factory=dict)  # the last logged metrics
 
     def section(self, prefix: str) -> dict[str, Tensor]:
         n = len(prefix) + 1
@@ -240,7 +212,20 @@ def load_checkpoint(path: str | os.PathLike) -> LoadedCheckpoint:
         cfg = config_from_dict(meta["config"])
     except (ConfigError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {ckpt} has an invalid config: {e}") from None
-    return LoadedCheckpoint(ckpt, int(meta["step"]), cfg, tensors, meta)
+    extra = meta.get("extra") or {}
+    return LoadedCheckpoint(
+        ckpt,
+        int(meta["step"]),
+        cfg,
+        tensors,
+        meta,
+        data_shape=tuple(int(s) for s in extra.get("data_shape") or ()),
+        num_levels=int(extra.get("num_levels", 256)),
+        world_size=int(extra.get("world_size", 1)),
+        loader_states=list(extra.get("loader") or []),
+        dataset=dict(extra.get("dataset") or {}),
+        metrics=dict(extra.get("metrics") or {}),
+    )
 
 
 def load_model(
@@ -251,9 +236,8 @@ def load_model(
     Refuses ``ema=True`` for a checkpoint without EMA weights rather than silently using others.
     """
     ck = load_checkpoint(path)
-    shape = tuple(ck.meta["extra"].get("data_shape") or ())
-    if not shape:
+    if not ck.data_shape:
         raise CheckpointError(f"checkpoint {ck.path} does not record the data shape")
-    model = build_model(ck.config, shape, int(ck.meta["extra"].get("num_levels", 256)))
+    model = build_model(ck.config, ck.data_shape, ck.num_levels)
     ck.load_into(model, "ema" if ema else "model")
     return model.to(device).eval(), ck

@@ -10,10 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import types
+import math
 import typing
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Literal
+
+from idode.data import DatasetName, ImageNetVersion, Split
+from idode.dequantization import Dequantization
+from idode.divergence import ProbeKind
+from idode.likelihood import Divergence
+from idode.nets import NetKind
+from idode.parameterization import Parameterization
+from idode.schedules import ScheduleName
 
 __all__ = [
     "Config",
@@ -21,12 +29,10 @@ __all__ = [
     "DataConfig",
     "EvalConfig",
     "ModelConfig",
-    "PRESETS",
     "TrainConfig",
     "apply_overrides",
     "config_from_dict",
     "config_to_dict",
-    "get_preset",
 ]
 
 
@@ -34,22 +40,29 @@ class ConfigError(ValueError):
     """A bad config value, an unknown key or an unknown preset."""
 
 
+Precision = Literal["fp32", "bf16"]
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    name: str = "digits"  # dataset: digits | mnist | cifar10 | imagenet32 | npz
+    """Which images: the dataset, its files, and the held-out subsets used during training."""
+
+    name: DatasetName = "digits"  # dataset: digits | mnist | cifar10 | imagenet32 | npz
     root: str | None = None  # directory holding the dataset files (mnist IDX, cifar10, imagenet32)
     path: str | None = None  # the .npz file when name = "npz"
-    version: str = "new"  # imagenet32 version: "new" (Chrabaszcz et al. 2017) or "old" (VDM's)
+    version: ImageNetVersion = "new"  # imagenet32: "new" (Chrabaszcz et al. 2017) | "old" (VDM's)
     augment: bool = False  # VDM flips + rot90 with a conditioning flag (cifar10_aug, §8.3)
     max_train_examples: int | None = None  # use only the first N training images (None: all)
-    eval_split: str = "test"  # held-out split for evaluation during and after training
+    eval_split: Split = "test"  # held-out split for evaluation during and after training
     eval_examples: int = 512  # held-out images for the periodic SDE bound during training
     ode_eval_examples: int = 64  # held-out images for the periodic ODE bits/dim during training
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    net: str = "unet"  # network: unet (VDM ScoreUNet) | mlp
+    """The network, the noise schedule and the parameterization."""
+
+    net: NetKind = "unet"  # network: unet (VDM ScoreUNet) | mlp
     n_embd: int = 128  # UNet width n (sm_n_embd)
     n_layers: int = 32  # UNet depth L (sm_n_layer): L down + middle + L+1 up blocks
     with_attention: bool = False  # UNet attention after every block (cifar10_aug)
@@ -60,14 +73,16 @@ class ModelConfig:
     checkpoint: bool = False  # UNet activation checkpointing (saves memory, costs compute)
     mlp_hidden: int = 256  # MLP hidden width
     mlp_depth: int = 3  # MLP hidden layers
-    schedule: str = "VP"  # noise schedule: VP | SP
+    schedule: ScheduleName = "VP"  # noise schedule: VP | SP
     gamma_min: float = -13.3  # gamma = log(sigma^2/alpha^2) at t = 0
     gamma_max: float = 5.0  # gamma at t = 1
-    parameterization: str = "velocity"  # network predicts: velocity (i-DODE) | eps | x0
+    parameterization: Parameterization = "velocity"  # network predicts: velocity | eps | x0
 
 
 @dataclass(frozen=True)
 class TrainConfig:
+    """The optimizer, the objective, and the loop's schedule of logs, evaluations, checkpoints."""
+
     steps: int = 6_000_000  # optimizer steps to train for (in total, counting resumed ones)
     batch_size: int = 128  # global batch per optimizer step, split over ranks and micro-steps
     grad_accum: int = 1  # micro-batches per optimizer step (steps count optimizer updates)
@@ -82,8 +97,8 @@ class TrainConfig:
     importance_sampling: bool = True  # gamma ~ alpha^2/Z (method.md §4); False: uniform
     antithetic: bool = True  # stratified times within each rank's batch (§3.4)
     second_order_weight: float = 0.0  # lambda_2 of the second-order term (0.1 to finetune, §5)
-    hutchinson: str = "rademacher"  # second-order probe: rademacher | gaussian
-    precision: str = "fp32"  # fp32 | bf16 (autocast, GPU only)
+    hutchinson: ProbeKind = "rademacher"  # second-order probe: rademacher | gaussian
+    precision: Precision = "fp32"  # fp32 | bf16 (autocast, GPU only)
     compile: bool = False  # torch.compile the network
     seed: int = 1  # seed of weights, data order and all training noise
     log_every: int = 50  # steps between metric lines (JSONL, TensorBoard)
@@ -96,10 +111,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvalConfig:
-    dequantization: str = "truncated_normal"  # truncated_normal | uniform | variational
+    """The evaluation protocol: what `idode eval` and the periodic ODE evaluation compute."""
+
+    dequantization: Dequantization = "truncated_normal"  # truncated_normal | uniform | variational
     num_samples: int = 1  # K dequantization draws per image
     importance_weighted: bool = False  # report the IW bound (with -log K) instead of the mean
-    divergence: str = "rademacher"  # exact | rademacher | gaussian
+    divergence: Divergence = "rademacher"  # exact | rademacher | gaussian
     rtol: float = 1e-5  # ODE relative tolerance
     atol: float = 1e-5  # ODE absolute tolerance
     batch_size: int = 256  # images per ODE solve
@@ -108,6 +125,8 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class Config:
+    """A whole run: the preset it started from and its four sections."""
+
     preset: str = "cifar10"  # the preset this config started from
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -115,65 +134,105 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> Config:
-        _check_choice(
-            "data.name", self.data.name, ("digits", "mnist", "cifar10", "imagenet32", "npz")
-        )
-        _check_choice("data.version", self.data.version, ("new", "old"))
-        _check_choice("data.eval_split", self.data.eval_split, ("train", "test"))
-        _check_choice("model.net", self.model.net, ("unet", "mlp"))
-        _check_choice("model.schedule", self.model.schedule, ("VP", "SP"))
-        _check_choice(
-            "model.parameterization", self.model.parameterization, ("velocity", "eps", "x0")
-        )
-        _check_choice("train.hutchinson", self.train.hutchinson, ("rademacher", "gaussian"))
-        if self.train.precision == "fp16":
-            raise ConfigError(
-                "train.precision='fp16' is not supported: the second-order term and the "
-                "likelihood weights overflow in fp16; use 'bf16' (GPU) or 'fp32'"
-            )
-        _check_choice("train.precision", self.train.precision, ("fp32", "bf16"))
-        _check_choice(
-            "eval.dequantization",
-            self.eval.dequantization,
-            ("truncated_normal", "uniform", "variational"),
-        )
-        _check_choice("eval.divergence", self.eval.divergence, ("exact", "rademacher", "gaussian"))
-        t = self.train
-        for name in (
-            "steps",
-            "batch_size",
-            "grad_accum",
-            "log_every",
-            "checkpoint_every",
-            "keep_checkpoints",
-        ):
-            if getattr(t, name) < 1:
-                raise ConfigError(f"train.{name} must be >= 1, got {getattr(t, name)}")
-        if t.batch_size % t.grad_accum:
-            raise ConfigError(
-                f"train.batch_size={t.batch_size} must be divisible by train.grad_accum="
-                f"{t.grad_accum}"
-            )
-        if not 0.0 <= t.ema_decay < 1.0:
-            raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
-        if t.second_order_weight < 0:
-            raise ConfigError(
-                f"train.second_order_weight must be >= 0, got {t.second_order_weight}"
-            )
-        if t.second_order_weight > 0 and self.model.parameterization != "velocity":
-            raise ConfigError("train.second_order_weight > 0 needs model.parameterization=velocity")
-        if self.model.gamma_min >= self.model.gamma_max:
-            raise ConfigError("model.gamma_min must be < model.gamma_max")
-        if self.eval.num_samples < 1 or self.eval.batch_size < 1:
-            raise ConfigError("eval.num_samples and eval.batch_size must be >= 1")
-        if self.data.name == "npz" and not self.data.path:
-            raise ConfigError("data.name=npz needs data.path=FILE.npz")
+        """Check every field (type, choice, range, combination); one ConfigError naming the knob."""
+        for section in _section_types():
+            _check_section(section, getattr(self, section))
+        _check_ranges(self)
+        _check_combinations(self)
         return self
 
 
-def _check_choice(key: str, value: Any, valid: tuple[str, ...]) -> None:
-    if value not in valid:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of {', '.join(valid)}")
+_POSITIVE, _NONNEG, _UNIT = (lambda v: v > 0), (lambda v: v >= 0), (lambda v: 0.0 <= v < 1.0)
+# every numeric knob: (test, requirement); None passes where the field's type allows it
+_RANGES: dict[str, tuple[Any, str]] = {
+    "data.max_train_examples": (_POSITIVE, "a positive integer or None"),
+    "data.eval_examples": (_POSITIVE, ">= 1"),
+    "data.ode_eval_examples": (_NONNEG, ">= 0"),
+    "model.n_embd": (_POSITIVE, ">= 1"),
+    "model.n_layers": (_POSITIVE, ">= 1"),
+    "model.dropout": (_UNIT, "in [0, 1)"),
+    "model.fourier_levels": (lambda v: v >= 2, ">= 2 grey levels or None"),
+    "model.mlp_hidden": (_POSITIVE, ">= 1"),
+    "model.mlp_depth": (_POSITIVE, ">= 1"),
+    "train.steps": (_POSITIVE, ">= 1"),
+    "train.batch_size": (_POSITIVE, ">= 1"),
+    "train.grad_accum": (_POSITIVE, ">= 1"),
+    "train.lr": (_POSITIVE, "> 0"),
+    "train.warmup_steps": (_NONNEG, ">= 0"),
+    "train.beta1": (_UNIT, "in [0, 1)"),
+    "train.beta2": (_UNIT, "in [0, 1)"),
+    "train.adam_eps": (_POSITIVE, "> 0"),
+    "train.weight_decay": (_NONNEG, ">= 0"),
+    "train.grad_clip": (_POSITIVE, "> 0 or None"),
+    "train.ema_decay": (_UNIT, "in [0, 1)"),
+    "train.second_order_weight": (_NONNEG, ">= 0"),
+    "train.seed": (_NONNEG, ">= 0"),
+    "train.log_every": (_POSITIVE, ">= 1"),
+    "train.eval_every": (_NONNEG, ">= 0 (0: never)"),
+    "train.ode_eval_every": (_NONNEG, ">= 0 (0: never)"),
+    "train.checkpoint_every": (_POSITIVE, ">= 1"),
+    "train.keep_checkpoints": (_POSITIVE, ">= 1"),
+    "eval.num_samples": (_POSITIVE, ">= 1"),
+    "eval.rtol": (_POSITIVE, "> 0"),
+    "eval.atol": (_POSITIVE, "> 0"),
+    "eval.batch_size": (_POSITIVE, ">= 1"),
+    "eval.seed": (_NONNEG, ">= 0"),
+}
+
+
+def _check_section(section: str, obj: Any) -> None:
+    """Type and Literal choice of each field (the choice lists are the math modules' Literals)."""
+    for name, hint in typing.get_type_hints(type(obj)).items():
+        key, value = f"{section}.{name}", getattr(obj, name)
+        args = typing.get_args(hint)
+        if typing.get_origin(hint) is Literal:
+            if value not in args:
+                hint_fp16 = (
+                    " (fp16 is not supported: the second-order term and the likelihood weights "
+                    "overflow in fp16)"
+                    if value == "fp16"
+                    else ""
+                )
+                raise ConfigError(
+                    f"{key}={value!r} is not valid; choose one of {', '.join(args)}{hint_fp16}"
+                )
+            continue
+        allowed = args or (hint,)
+        if value is None and type(None) in allowed:
+            continue
+        base = next(a for a in allowed if a is not type(None))
+        is_bool = isinstance(value, bool)
+        ok = isinstance(value, base) and (base is bool or not is_bool)
+        ok = ok or (base is float and isinstance(value, int) and not is_bool)
+        if not ok:
+            raise ConfigError(f"{key}={value!r} must be of type {base.__name__}")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} must be a finite number")
+
+
+def _check_ranges(cfg: Config) -> None:
+    for key, (test, requirement) in _RANGES.items():
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is not None and not test(value):
+            raise ConfigError(f"{key} must be {requirement}, got {value!r}")
+
+
+def _check_combinations(cfg: Config) -> None:
+    t, m = cfg.train, cfg.model
+    if t.batch_size % t.grad_accum:
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} must be divisible by train.grad_accum={t.grad_accum}"
+        )
+    if t.second_order_weight > 0 and m.parameterization != "velocity":
+        raise ConfigError("train.second_order_weight > 0 needs model.parameterization=velocity")
+    if m.gamma_min >= m.gamma_max:
+        raise ConfigError(f"model.gamma_min={m.gamma_min} must be < model.gamma_max={m.gamma_max}")
+    if cfg.data.name == "npz" and not cfg.data.path:
+        raise ConfigError("data.name=npz needs data.path=FILE.npz")
+    dev = t.device
+    if dev not in ("auto", "cpu", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
+        raise ConfigError(f"train.device={dev!r} is not valid; use auto, cpu, cuda or cuda:N")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -213,17 +272,18 @@ def _section_types() -> dict[str, type]:
     return {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
 
 
-def _parse_value(raw: str, annotation: Any, key: str) -> Any:
-    """Parse a --set string to the field's declared type (int, float, bool, str, or Optional)."""
-    hints = annotation
-    if isinstance(hints, str):
-        hints = eval(hints, {"int": int, "float": float, "str": str, "bool": bool})  # noqa: S307
-    args = typing.get_args(hints)
-    optional = type(None) in args or (isinstance(hints, types.UnionType) and type(None) in args)
-    base = next((a for a in args if a is not type(None)), hints) if args else hints
+def _parse_value(raw: str, hint: Any, key: str) -> Any:
+    """Parse a --set string to the field's type (int, float, bool, str, a Literal, or Optional)."""
+    args = typing.get_args(hint)
+    if typing.get_origin(hint) is Literal:
+        return raw  # Config.validate names the valid choices
+    optional = type(None) in args
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
     if optional and raw.lower() in ("none", "null", ""):
         return None
     try:
+        if typing.get_origin(base) is Literal:
+            return raw
         if base is bool:
             if raw.lower() in ("1", "true", "yes", "on"):
                 return True
@@ -261,13 +321,13 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
         section, name = key.split(".", 1)
         if section not in sections:
             raise ConfigError(f"unknown config section {section!r}; valid: {', '.join(sections)}")
-        sub_fields = {f.name: f for f in fields(sections[section])}
+        sub_fields = typing.get_type_hints(sections[section])
         if name not in sub_fields:
             raise ConfigError(
                 f"unknown config key {key!r}; valid keys in {section!r}: "
                 f"{', '.join(sorted(sub_fields))}"
             )
-        value = _parse_value(raw.strip(), sub_fields[name].type, key)
+        value = _parse_value(raw.strip(), sub_fields[name], key)
         cfg = replace(cfg, **{section: replace(getattr(cfg, section), **{name: value})})
     return cfg.validate()
 
@@ -276,133 +336,10 @@ def dumps(cfg: Config) -> str:
     return json.dumps(config_to_dict(cfg), indent=2, sort_keys=False)
 
 
-# --------------------------------------------------------------------------------------------------
-# presets (method.md §8.2; the CPU presets are ours)
-# --------------------------------------------------------------------------------------------------
+def __getattr__(name: str) -> Any:
+    # the presets live in idode.presets (built from this module's dataclasses); keep the old names
+    if name in ("PRESETS", "get_preset"):
+        from idode import presets
 
-
-def _cifar10() -> Config:
-    return Config(
-        preset="cifar10",
-        data=DataConfig(name="cifar10"),
-        model=ModelConfig(n_embd=128, n_layers=32, dropout=0.1),
-        train=TrainConfig(steps=6_000_000, batch_size=128),
-        eval=EvalConfig(batch_size=256, num_samples=1),
-    )
-
-
-def _presets() -> dict[str, Config]:
-    c = _cifar10()
-    p: dict[str, Config] = {"cifar10": c}
-    p["cifar10_aug"] = replace(
-        c,
-        preset="cifar10_aug",
-        data=replace(c.data, augment=True),
-        model=replace(c.model, n_embd=256, with_attention=True, dropout=0.05),
-        train=replace(c.train, steps=10_000_000, batch_size=1024),
-        eval=replace(c.eval, batch_size=128, num_samples=20, importance_weighted=True),
-    )
-    p["imagenet32"] = replace(
-        c,
-        preset="imagenet32",
-        data=replace(c.data, name="imagenet32", version="new"),
-        model=replace(c.model, n_embd=256),
-        train=replace(c.train, steps=2_000_000, batch_size=128),
-        eval=replace(c.eval, batch_size=512),
-    )
-    p["imagenet32_old"] = replace(
-        p["imagenet32"],
-        preset="imagenet32_old",
-        data=replace(p["imagenet32"].data, version="old"),
-        train=replace(p["imagenet32"].train, batch_size=512),
-    )
-    # digits and MNIST: the paper's recipe (lr 2e-4, EMA 0.9999, dropout 0.1) with a UNet sized
-    # for 8x8 / 28x28 images, for a GPU; the *_cpu presets shrink it for 2 CPU cores
-    p["digits"] = Config(
-        preset="digits",
-        data=DataConfig(name="digits", eval_examples=300, ode_eval_examples=64),
-        model=ModelConfig(n_embd=64, n_layers=8, dropout=0.1),
-        train=TrainConfig(
-            steps=200_000,
-            batch_size=128,
-            eval_every=5000,
-            ode_eval_every=20_000,
-            checkpoint_every=5000,
-        ),
-        eval=EvalConfig(batch_size=300),
-    )
-    p["digits_cpu"] = Config(
-        preset="digits_cpu",
-        data=DataConfig(name="digits", eval_examples=300, ode_eval_examples=64),
-        model=ModelConfig(n_embd=32, n_layers=2, dropout=0.1),
-        train=TrainConfig(
-            steps=3000,
-            batch_size=64,
-            lr=2e-3,
-            warmup_steps=100,
-            ema_decay=0.995,
-            log_every=25,
-            eval_every=500,
-            ode_eval_every=0,
-            checkpoint_every=1000,
-        ),
-        eval=EvalConfig(batch_size=300),
-    )
-    p["mnist"] = Config(
-        preset="mnist",
-        data=DataConfig(name="mnist", eval_examples=1000, ode_eval_examples=64),
-        model=ModelConfig(n_embd=128, n_layers=8, dropout=0.1),
-        train=TrainConfig(
-            steps=400_000,
-            batch_size=128,
-            eval_every=5000,
-            ode_eval_every=20_000,
-            checkpoint_every=5000,
-        ),
-        eval=EvalConfig(batch_size=250),
-    )
-    p["mnist_cpu"] = Config(
-        preset="mnist_cpu",
-        data=DataConfig(name="mnist", eval_examples=500, ode_eval_examples=32),
-        model=ModelConfig(n_embd=32, n_layers=2, dropout=0.1),
-        train=TrainConfig(
-            steps=5000,
-            batch_size=64,
-            lr=1e-3,
-            warmup_steps=100,
-            ema_decay=0.999,
-            log_every=25,
-            eval_every=500,
-            ode_eval_every=0,
-            checkpoint_every=1000,
-        ),
-        eval=EvalConfig(batch_size=100),
-    )
-    p["cifar10_cpu"] = replace(
-        c,
-        preset="cifar10_cpu",
-        model=replace(c.model, n_embd=32, n_layers=2),
-        train=replace(
-            c.train,
-            steps=2000,
-            batch_size=32,
-            lr=1e-3,
-            ema_decay=0.999,
-            log_every=25,
-            eval_every=500,
-            ode_eval_every=0,
-            checkpoint_every=500,
-        ),
-        data=replace(c.data, eval_examples=128, ode_eval_examples=16),
-        eval=replace(c.eval, batch_size=32),
-    )
-    return p
-
-
-PRESETS: dict[str, Config] = _presets()
-
-
-def get_preset(name: str) -> Config:
-    if name not in PRESETS:
-        raise ConfigError(f"unknown preset {name!r}; valid: {', '.join(PRESETS)}")
-    return PRESETS[name].validate()
+        return getattr(presets, name)
+    raise AttributeError(f"module 'idode.config' has no attribute {name!r}")

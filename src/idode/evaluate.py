@@ -36,9 +36,9 @@ from idode.checkpoint import find_checkpoint, load_model
 from idode.config import ConfigError
 from idode.data import load_dataset
 from idode.dequantization import DEQUANTIZATIONS
+from idode.distributed import broadcast, progress_bar, setup
 from idode.likelihood import DIVERGENCES, bits_per_dim, elbo
 from idode.rng import example_generators
-from idode.train import DistEnv, dist_env, resolve_device
 
 __all__ = ["EvalSettingsError", "evaluate", "read_per_example", "summarize"]
 
@@ -81,13 +81,7 @@ def evaluate(
     t0 = time.perf_counter()
     _check(dequantization, divergence, split, num_samples, batch_size, max_examples)
     ckpt_dir = find_checkpoint(checkpoint).resolve()
-    dev_kind = (
-        "cuda"
-        if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
-        else "cpu"
-    )
-    env = dist_env(dev_kind)
-    dev = resolve_device(device, env, key="--device")
+    env, dev = setup(device, key="--device")
     model, ck = load_model(ckpt_dir, ema=ema, device=dev)
     cfg = ck.config
     root = data_root if data_root is not None else cfg.data.root
@@ -133,7 +127,7 @@ def evaluate(
     out = Path(out_dir)
     # rank 0 checks (or starts) the output directory; every rank raises its verdict together
     err = _prepare_out_dir(out, fingerprint, overwrite) if env.is_main else None
-    err = _broadcast(err, env)
+    err = broadcast(err, env)
     if err is not None:
         raise EvalSettingsError(err)
 
@@ -142,19 +136,10 @@ def evaluate(
     own = out / (EXAMPLES_FILE if not env.distributed else f"per_example.rank{env.rank}.jsonl")
     _truncate_partial_line(own)
     x_all = ds.as_tensor()
-    bar = None
-    if progress and env.is_main:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=n,
-            initial=sum(i in done for i in range(n)),
-            desc=f"eval {dequantization}"
-            + (f" (x{env.world_size} ranks)" if env.distributed else ""),
-            unit="img",
-            dynamic_ncols=True,
-            disable=os.environ.get("IDODE_NO_PROGRESS") == "1",
-        )
+    desc = f"eval {dequantization}" + (f" (x{env.world_size} ranks)" if env.distributed else "")
+    bar = progress_bar(n, desc, env=env, enabled=progress, unit="img")
+    if bar is not None:
+        bar.update(sum(i in done for i in range(n)))
     try:
         for start in range(0, len(mine), batch_size):
             todo = [i for i in mine[start : start + batch_size] if i not in done]
@@ -212,7 +197,7 @@ def evaluate(
             files={"per_example": str(out / EXAMPLES_FILE), "settings": str(out / SETTINGS_FILE)},
         )
         _write_json_atomic(out / RESULT_FILE, result)
-    result = _broadcast(result, env)
+    result = broadcast(result, env)
     env.barrier()
     return result
 
@@ -432,14 +417,6 @@ def _write_json_atomic(path: Path, obj: Any) -> None:
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, default=str))
-
-
-def _broadcast(obj: Any, env: DistEnv) -> Any:
-    if not env.distributed:
-        return obj
-    box = [obj]
-    torch.distributed.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # --------------------------------------------------------------------------------------------------

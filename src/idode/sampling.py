@@ -39,9 +39,9 @@ def sample_to_files(
     the wall time.
     """
     from idode.checkpoint import CheckpointError, load_model
+    from idode.distributed import DistEnv, progress_bar, resolve_device
     from idode.rng import example_generators
     from idode.sampler import ode_sample
-    from idode.train import DistEnv, resolve_device
 
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -55,17 +55,7 @@ def sample_to_files(
         raise CheckpointError(f"checkpoint {ck.path} does not record data_shape and num_levels")
     shape, num_levels = tuple(int(s) for s in extra["data_shape"]), int(extra["num_levels"])
 
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(
-            total=num_samples,
-            desc="sample",
-            unit="img",
-            dynamic_ncols=True,
-            disable=os.environ.get("IDODE_NO_PROGRESS") == "1",
-        )
+    bar = progress_bar(num_samples, "sample", enabled=progress, unit="img")
     parts, nfe_per_batch = [], []
     try:
         for start in range(0, num_samples, batch_size):
@@ -77,7 +67,7 @@ def sample_to_files(
                 num_levels=num_levels,
                 rtol=rtol,
                 atol=atol,
-                generator=example_generators(seed, idx, dev),
+                generator=example_generators(seed, idx, dev, purpose="sample"),
                 device=dev,
             )
             parts.append(res.samples.cpu())

@@ -227,12 +227,11 @@ class SPSchedule(Schedule):
         return (0.5 * (lo + hi)).to(dtype)
 
 
+ScheduleName = Literal["VP", "SP"]
 SCHEDULES: dict[str, type[Schedule]] = {"VP": VPSchedule, "SP": SPSchedule}
 
 
-def make_schedule(
-    name: Literal["VP", "SP"], gamma_min: float = -13.3, gamma_max: float = 5.0
-) -> Schedule:
+def make_schedule(name: ScheduleName, gamma_min: float = -13.3, gamma_max: float = 5.0) -> Schedule:
     """Build a schedule by name ("VP" or "SP")."""
     key = str(name).upper()
     if key not in SCHEDULES:

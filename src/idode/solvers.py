@@ -16,9 +16,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["SolveResult", "solve_ivp"]
+__all__ = ["SolveResult", "nfe_of_steps", "solve_ivp"]
 
 VectorField = Callable[[Tensor, Tensor], Tensor]
+
+
+def nfe_of_steps(steps: Tensor) -> Tensor:
+    """Evaluations an example needs alone for ``steps`` Dopri5 steps: 6 each (FSAL) + 2 to start."""
+    return 6 * steps + 2
 
 
 @dataclass
@@ -31,7 +36,7 @@ class SolveResult:
     @property
     def nfe_per_example(self) -> Tensor:
         """Evaluations an example needed alone: 6 per Dopri5 step (FSAL) + 2 to start."""
-        return 6 * self.steps + 2
+        return nfe_of_steps(self.steps)
 
 
 def solve_ivp(

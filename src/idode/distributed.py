@@ -1,0 +1,126 @@
+"""Processes and devices: torchrun's environment, the CPU/CUDA choice, collectives, progress bars.
+
+One process per device; under ``torchrun`` the process group uses NCCL on GPUs and Gloo on CPUs.
+Every loop (train, evaluate, sample) gets its device and rank from here, and only rank 0 shows a
+progress bar (``IDODE_NO_PROGRESS=1`` hides it everywhere).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from idode.config import ConfigError
+
+__all__ = [
+    "DistEnv",
+    "all_gather",
+    "broadcast",
+    "device_kind",
+    "dist_env",
+    "progress_bar",
+    "resolve_device",
+    "setup",
+]
+
+
+@dataclass
+class DistEnv:
+    """This process's place in a (possibly single-process) run."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def barrier(self) -> None:
+        if self.distributed:
+            torch.distributed.barrier()
+
+
+def device_kind(spec: str) -> str:
+    """'cuda' or 'cpu': the kind of device a spec ('auto', 'cpu', 'cuda', 'cuda:N') asks for."""
+    if spec.startswith("cuda") or (spec == "auto" and torch.cuda.is_available()):
+        return "cuda"
+    return "cpu"
+
+
+def dist_env(device_kind: str) -> DistEnv:
+    """Read torchrun's environment and start the process group (NCCL on GPU, Gloo on CPU)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    env = DistEnv(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    if world > 1 and not torch.distributed.is_initialized():
+        backend = "nccl" if device_kind == "cuda" else "gloo"
+        torch.distributed.init_process_group(backend=backend)
+    return env
+
+
+def resolve_device(spec: str, env: DistEnv, key: str = "train.device") -> torch.device:
+    """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a device (cuda means this rank's local GPU)."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec != "cpu" and not (spec == "cuda" or spec.startswith("cuda:")):
+        raise ConfigError(f"{key}={spec!r} is not a device; use auto, cpu, cuda or cuda:N")
+    if spec.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"{key}={spec!r} but CUDA is not available; use cpu")
+        if spec == "cuda":
+            spec = f"cuda:{env.local_rank}"
+        try:
+            torch.cuda.set_device(torch.device(spec))
+        except (RuntimeError, ValueError) as e:
+            raise ConfigError(f"{key}={spec!r}: {e}") from None
+    return torch.device(spec)
+
+
+def setup(spec: str, key: str = "train.device") -> tuple[DistEnv, torch.device]:
+    """This process's DistEnv (starting the process group under torchrun) and its device."""
+    env = dist_env(device_kind(spec))
+    return env, resolve_device(spec, env, key)
+
+
+def broadcast(obj: Any, env: DistEnv) -> Any:
+    """Rank 0's ``obj`` on every rank (a picklable object; no-op in one process)."""
+    if not env.distributed:
+        return obj
+    box = [obj]
+    torch.distributed.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def all_gather(obj: Any, env: DistEnv) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` in one process)."""
+    if not env.distributed:
+        return [obj]
+    parts: list[Any] = [None] * env.world_size
+    torch.distributed.all_gather_object(parts, obj)
+    return parts
+
+
+def progress_bar(
+    total: int,
+    desc: str,
+    *,
+    env: DistEnv | None = None,
+    initial: int = 0,
+    enabled: bool = True,
+    unit: str = "it",
+):
+    """A tqdm bar on rank 0 (None elsewhere, when disabled, or with IDODE_NO_PROGRESS=1)."""
+    if not enabled or (env is not None and not env.is_main):
+        return None
+    if os.environ.get("IDODE_NO_PROGRESS") == "1":
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
