@@ -31,6 +31,7 @@ __all__ = [
     "find_checkpoint",
     "load_checkpoint",
     "load_model",
+    "run_folder",
     "save_checkpoint",
 ]
 
@@ -123,6 +124,16 @@ def save_checkpoint(
 # --------------------------------------------------------------------------------------------------
 # loading
 # --------------------------------------------------------------------------------------------------
+
+
+def run_folder(checkpoint_dir: str | os.PathLike) -> Path:
+    """The folder that owns a checkpoint's results: RUN for RUN/checkpoints/step_N, else itself.
+
+    Evaluations and samples go there (RUN/evals, RUN/samples), never inside a step folder, which
+    old-checkpoint cleanup deletes.
+    """
+    p = Path(checkpoint_dir).resolve()
+    return p.parent.parent if p.parent.name == "checkpoints" else p
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:

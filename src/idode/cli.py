@@ -89,21 +89,12 @@ def _done(res) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from idode.evaluate import evaluate
+    from idode.evaluate import EVAL_FLAGS, evaluate
 
-    out = args.out or str(Path(args.checkpoint) / f"eval_{args.split}_{args.dequantization}")
     result = evaluate(
         args.checkpoint,
-        out,
+        args.out,
         split=args.split,
-        dequantization=args.dequantization,
-        num_samples=args.num_samples,
-        importance_weighted=args.importance_weighted,
-        divergence=args.divergence,
-        rtol=args.rtol,
-        atol=args.atol,
-        batch_size=args.batch_size,
-        seed=args.seed,
         max_examples=args.max_examples,
         data_root=args.data_root,
         with_elbo=not args.no_elbo,
@@ -111,23 +102,32 @@ def cmd_eval(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        **{k: getattr(args, k) for k in EVAL_FLAGS},
     )
-    bpd = result["bpd"]
-    print(
-        f"{args.dequantization} bits/dim: {bpd['mean']:.4f} +- {bpd['stderr']:.4f} "
+    print(_bpd_line(result))
+    print(f"results: {Path(result['out_dir']) / 'eval.json'}")
+    return 0
+
+
+def _bpd_line(result: dict) -> str:
+    """'truncated_normal (K=5) bits/dim: mean +- SE (95% CI ..)', or the value alone for n = 1."""
+    st, bpd = result["settings"], result["bpd"]
+    what = st["dequantization"] + (f", K={st['num_samples']}" if st["num_samples"] > 1 else "")
+    what += ", importance-weighted" if st["importance_weighted"] else ""
+    if bpd["stderr"] is None:
+        return f"{what} bits/dim: {bpd['mean']:.4f} (n=1: the interval needs n >= 2 examples)"
+    return (
+        f"{what} bits/dim: {bpd['mean']:.4f} +- {bpd['stderr']:.4f} "
         f"(95% CI {bpd['ci95'][0]:.4f} .. {bpd['ci95'][1]:.4f}, n={bpd['n']})"
     )
-    print(f"results: {Path(out) / 'eval.json'}")
-    return 0
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
     from idode.sampling import sample_to_files
 
-    prefix = args.out or str(Path(args.checkpoint) / "samples")
     res = sample_to_files(
         args.checkpoint,
-        prefix,
+        args.out,
         args.n,
         seed=args.seed,
         rtol=args.rtol,
@@ -158,6 +158,8 @@ def cmd_ablate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from idode.config import PRESETS
+    from idode.dequantization import DEQUANTIZATIONS
+    from idode.likelihood import DIVERGENCES
 
     p = argparse.ArgumentParser(
         prog="idode",
@@ -191,24 +193,29 @@ def build_parser() -> argparse.ArgumentParser:
     common(f)
     f.set_defaults(fn=cmd_finetune)
 
-    e = sub.add_parser("eval", help="ODE bits/dim over a split (EMA weights) + the SDE bound")
+    e = sub.add_parser(
+        "eval",
+        help="ODE bits/dim over a split (EMA weights) + the SDE bound",
+        description="The evaluation protocol (dequantization, K, importance weighting, "
+        "divergence, tolerances, batch size, seed) comes from the checkpoint's eval config "
+        "(the presets carry the official protocols); each flag given overrides it.",
+    )
     e.add_argument("--checkpoint", required=True)
-    e.add_argument("--out", help="output directory (default: CHECKPOINT/eval_SPLIT_DEQ)")
+    e.add_argument("--out", help="output directory (default: RUN/evals/step_N_SPLIT_DEQ...)")
     e.add_argument("--split", default="test", choices=["train", "test"])
+    e.add_argument("--dequantization", choices=list(DEQUANTIZATIONS), help="default: checkpoint")
+    e.add_argument("--num-samples", type=int, help="K dequantization draws (default: checkpoint)")
     e.add_argument(
-        "--dequantization",
-        default="truncated_normal",
-        choices=["truncated_normal", "uniform", "variational"],
+        "--importance-weighted",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="report the IW bound with -log K (default: checkpoint)",
     )
-    e.add_argument("--num-samples", type=int, default=1, help="K dequantization draws")
-    e.add_argument("--importance-weighted", action="store_true", help="report the IW bound")
-    e.add_argument(
-        "--divergence", default="rademacher", choices=["exact", "rademacher", "gaussian"]
-    )
-    e.add_argument("--rtol", type=float, default=1e-5)
-    e.add_argument("--atol", type=float, default=1e-5)
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--divergence", choices=list(DIVERGENCES), help="default: checkpoint")
+    e.add_argument("--rtol", type=float, help="ODE relative tolerance (default: checkpoint)")
+    e.add_argument("--atol", type=float, help="ODE absolute tolerance (default: checkpoint)")
+    e.add_argument("--batch-size", type=int, help="images per solve (default: checkpoint)")
+    e.add_argument("--seed", type=int, help="noise and probe seed (default: checkpoint)")
     e.add_argument("--max-examples", type=int, default=None)
     e.add_argument("--data-root", default=None, help="override the dataset directory")
     e.add_argument("--no-elbo", action="store_true", help="skip the SDE bound")
@@ -221,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("sample", help="ODE samples as a PNG grid and an .npz of integers")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("-n", type=int, default=64, help="number of samples")
-    s.add_argument("--out", help="output prefix (default: CHECKPOINT/samples)")
+    s.add_argument("--out", help="output prefix (default: RUN/samples/step_N)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--rtol", type=float, default=1e-5)
     s.add_argument("--atol", type=float, default=1e-5)

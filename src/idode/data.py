@@ -38,7 +38,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -46,11 +46,16 @@ from torch import Tensor
 
 from idode.dequantization import check_integer_data
 
+if TYPE_CHECKING:
+    from idode.config import DataConfig
+
 __all__ = [
     "DATASETS",
     "ImageDataset",
     "ImageLoader",
     "augment_batch",
+    "dataset_from_config",
+    "held_out_subset",
     "load_dataset",
     "make_loader",
     "subset",
@@ -169,6 +174,30 @@ def subset(dataset: ImageDataset, n: int, seed: int = 0) -> ImageDataset:
     idx = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:n])
     info = {**dataset.info, "subset": {"n": n, "seed": seed, "of": len(dataset)}}
     return ImageDataset(dataset.images[idx], dataset.num_levels, dataset.name, dataset.split, info)
+
+
+def dataset_from_config(
+    data: DataConfig,
+    split: Split | str,
+    *,
+    root: str | None = None,
+    max_examples: int | None = None,
+) -> ImageDataset:
+    """The split of the dataset a config's ``data`` section names (``root`` overrides its root)."""
+    return load_dataset(
+        data.name,
+        split,
+        data.root if root is None else root,
+        version=data.version,
+        path=data.path,
+        max_examples=max_examples,
+    )
+
+
+def held_out_subset(data: DataConfig) -> ImageDataset:
+    """Held-out images of the periodic evaluations: subset(eval_split, eval_examples, seed 0)."""
+    ds = dataset_from_config(data, data.eval_split)
+    return subset(ds, min(data.eval_examples, len(ds)), seed=0)
 
 
 # --------------------------------------------------------------------------------------------------

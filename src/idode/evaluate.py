@@ -26,23 +26,35 @@ import math
 import os
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from idode.checkpoint import find_checkpoint, load_model
-from idode.config import ConfigError
-from idode.data import load_dataset
-from idode.dequantization import DEQUANTIZATIONS
+from idode.checkpoint import LoadedCheckpoint, find_checkpoint, load_model, run_folder
+from idode.config import Config, ConfigError, EvalConfig
+from idode.data import Split, dataset_from_config
+from idode.dequantization import Dequantization
 from idode.distributed import broadcast, progress_bar, setup
-from idode.likelihood import DIVERGENCES, bits_per_dim, elbo
+from idode.likelihood import Divergence, bits_per_dim, elbo
 from idode.rng import example_generators
+from idode.rundir import append_jsonl, jsonable, truncate_partial_line, write_json_atomic
 
-__all__ = ["EvalSettingsError", "evaluate", "read_per_example", "summarize"]
+__all__ = [
+    "EvalSettingsError",
+    "default_eval_dir",
+    "evaluate",
+    "read_per_example",
+    "resolve_settings",
+    "summarize",
+]
 
 SETTINGS_FILE, RESULT_FILE, EXAMPLES_FILE = "eval_settings.json", "eval.json", "per_example.jsonl"
+# the settings of EvalConfig that `idode eval` flags override
+EVAL_FLAGS = ("dequantization", "num_samples", "importance_weighted", "divergence", "rtol", "atol",
+              "batch_size", "seed")  # fmt: skip
 _ROW_KEYS = ("index", "bpd", "bpd_mean_of_bounds", "bpd_importance_weighted", "steps", "nfe")
 
 
@@ -50,19 +62,91 @@ class EvalSettingsError(ConfigError):
     """An output directory that holds results of other settings."""
 
 
+def resolve_settings(cfg: Config, **flags: Any) -> tuple[EvalConfig, dict[str, str]]:
+    """The evaluation protocol: the checkpoint's ``eval`` config, with each flag that is not None
+    overriding it. Returns the settings and, per setting, where it came from."""
+    unknown = set(flags) - set(EVAL_FLAGS)
+    if unknown:
+        raise TypeError(f"unknown evaluation setting(s) {sorted(unknown)}; valid: {EVAL_FLAGS}")
+    given = {k: v for k, v in flags.items() if v is not None}
+    ev = replace(cfg.eval, **given)
+    replace(cfg, eval=ev).validate()  # one ConfigError naming eval.<knob>
+    return ev, {k: "argument" if k in given else "checkpoint" for k in EVAL_FLAGS}
+
+
+def default_eval_dir(ck: LoadedCheckpoint, split: str, ev: EvalConfig) -> Path:
+    """RUN/evals/step_N_SPLIT_DEQ[_kK][_iw]: in the run folder, never inside a checkpoint folder
+    (old-checkpoint cleanup deletes those)."""
+    name = f"step_{ck.step:08d}_{split}_{ev.dequantization}"
+    name += f"_k{ev.num_samples}" if ev.num_samples > 1 else ""
+    name += "_iw" if ev.importance_weighted else ""
+    return run_folder(ck.path) / "evals" / name
+
+
+def _check_arguments(split: str, max_examples: int | None, flags: dict[str, Any]) -> None:
+    """Every argument checked before anything is loaded or written."""
+    if split not in ("train", "test"):
+        raise ConfigError(f"split={split!r} is not valid; choose one of train, test")
+    if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
+        raise ConfigError(f"max_examples must be a positive integer or None, got {max_examples!r}")
+    given = {k: v for k, v in flags.items() if v is not None}
+    replace(Config(), eval=replace(EvalConfig(), **given)).validate()
+
+
+def _load(checkpoint, ema: bool, device: str, split: str, data_root, max_examples):
+    """(env, device, model, checkpoint record, dataset), the dataset checked against the model."""
+    ckpt_dir = find_checkpoint(checkpoint).resolve()
+    env, dev = setup(device, key="--device")
+    model, ck = load_model(ckpt_dir, ema=ema, device=dev)
+    ds = dataset_from_config(ck.config.data, split, root=data_root, max_examples=max_examples)
+    if tuple(ds.shape) != tuple(ck.data_shape) or ds.num_levels != ck.num_levels:
+        raise ConfigError(
+            f"{ds.name}/{split} has images {ds.shape} with {ds.num_levels} levels, but the "
+            f"checkpoint {ck.path} was trained on {list(ck.data_shape)} with "
+            f"{ck.num_levels} levels"
+        )
+    return env, dev, model, ck, ds
+
+
+def _fingerprint(ck, ema: bool, split: str, ev: EvalConfig, with_elbo: bool, dev) -> dict:
+    """The settings that define a result (an output folder holds results of one fingerprint)."""
+    cfg = ck.config
+    return {
+        "checkpoint": str(ck.path),
+        "checkpoint_step": ck.step,
+        "ema": ema,
+        "dataset": cfg.data.name,
+        "version": cfg.data.version,
+        "npz_path": cfg.data.path,
+        "split": split,
+        "dequantization": ev.dequantization,
+        "num_samples": ev.num_samples,
+        "importance_weighted": ev.importance_weighted,
+        "divergence": ev.divergence,
+        "num_probes": 1,
+        "analytic_entropy": True,
+        "rtol": ev.rtol,
+        "atol": ev.atol,
+        "seed": ev.seed,
+        "with_elbo": with_elbo,
+        "elbo": {"antithetic": False, "importance_sampling": True, "prior": "sigma_max"},
+        "device_type": dev.type,
+    }
+
+
 def evaluate(
     checkpoint: str | os.PathLike,
-    out_dir: str | os.PathLike,
+    out_dir: str | os.PathLike | None = None,
     *,
-    split: str = "test",
-    dequantization: str = "truncated_normal",
-    num_samples: int = 1,
-    importance_weighted: bool = False,
-    divergence: str = "rademacher",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
-    batch_size: int = 256,
-    seed: int = 0,
+    split: Split = "test",
+    dequantization: Dequantization | None = None,
+    num_samples: int | None = None,
+    importance_weighted: bool | None = None,
+    divergence: Divergence | None = None,
+    rtol: float | None = None,
+    atol: float | None = None,
+    batch_size: int | None = None,
+    seed: int | None = None,
     max_examples: int | None = None,
     data_root: str | None = None,
     with_elbo: bool = True,
@@ -73,76 +157,70 @@ def evaluate(
 ) -> dict[str, Any]:
     """ODE bits/dim (and the SDE bound) of every example of ``split``; returns eval.json's content.
 
-    checkpoint: a checkpoint or run directory. out_dir: where the per-example results, the
-    settings fingerprint and eval.json go; rerunning into the same out_dir resumes.
-    max_examples: only the first N examples of the split. overwrite: discard earlier results in
-    out_dir instead of resuming (needed when the settings changed).
+    checkpoint: a checkpoint or run directory. The evaluation protocol (dequantization, K =
+    num_samples, importance_weighted, divergence, rtol, atol, batch_size, seed) is the
+    checkpoint's ``eval`` config; each argument that is not None overrides it, and eval.json's
+    ``settings_source`` says which came from where. out_dir: where the per-example results, the
+    settings fingerprint and eval.json go (default ``default_eval_dir``); rerunning into the same
+    out_dir resumes. max_examples: only the first N examples of the split. overwrite: discard
+    earlier results in out_dir instead of resuming (needed when the settings changed).
     """
     t0 = time.perf_counter()
-    _check(dequantization, divergence, split, num_samples, batch_size, max_examples)
-    ckpt_dir = find_checkpoint(checkpoint).resolve()
-    env, dev = setup(device, key="--device")
-    model, ck = load_model(ckpt_dir, ema=ema, device=dev)
-    cfg = ck.config
-    root = data_root if data_root is not None else cfg.data.root
-    ds = load_dataset(
-        cfg.data.name,
-        split,
-        root,
-        version=cfg.data.version,
-        path=cfg.data.path,
-        max_examples=max_examples,
-    )
-    extra = ck.meta.get("extra", {})
-    if list(ds.shape) != list(extra.get("data_shape", ds.shape)) or ds.num_levels != int(
-        extra.get("num_levels", ds.num_levels)
-    ):
-        raise ConfigError(
-            f"{ds.name}/{split} has images {ds.shape} with {ds.num_levels} levels, but the "
-            f"checkpoint {ckpt_dir} was trained on {extra.get('data_shape')} with "
-            f"{extra.get('num_levels')} levels"
-        )
-    n = len(ds)
-    fingerprint = {
-        "checkpoint": str(ckpt_dir),
-        "checkpoint_step": ck.step,
-        "ema": ema,
-        "dataset": cfg.data.name,
-        "version": cfg.data.version,
-        "npz_path": cfg.data.path,
-        "split": split,
-        "dequantization": dequantization,
-        "num_samples": num_samples,
-        "importance_weighted": importance_weighted,
-        "divergence": divergence,
-        "num_probes": 1,
-        "analytic_entropy": True,
-        "rtol": rtol,
-        "atol": atol,
-        "seed": seed,
-        "with_elbo": with_elbo,
-        "elbo": {"antithetic": False, "importance_sampling": True, "prior": "sigma_max"},
-        "device_type": dev.type,
-    }
-    out = Path(out_dir)
+    flags = dict(dequantization=dequantization, num_samples=num_samples,
+                 importance_weighted=importance_weighted, divergence=divergence, rtol=rtol,
+                 atol=atol, batch_size=batch_size, seed=seed)  # fmt: skip
+    _check_arguments(split, max_examples, flags)
+    env, dev, model, ck, ds = _load(checkpoint, ema, device, split, data_root, max_examples)
+    ev, source = resolve_settings(ck.config, **flags)
+    out = Path(out_dir) if out_dir is not None else default_eval_dir(ck, split, ev)
+    fingerprint = _fingerprint(ck, ema, split, ev, with_elbo, dev)
     # rank 0 checks (or starts) the output directory; every rank raises its verdict together
     err = _prepare_out_dir(out, fingerprint, overwrite) if env.is_main else None
     err = broadcast(err, env)
     if err is not None:
         raise EvalSettingsError(err)
+    n = len(ds)
+    _evaluate_examples(model, ds, out, ev, with_elbo, env, progress)
+    env.barrier()
+    result = None
+    if env.is_main:
+        result = summarize(_merge(out, n), n, ev.num_samples)
+        result.update(
+            wall_seconds=time.perf_counter() - t0,
+            settings={**fingerprint, "batch_size": ev.batch_size, "max_examples": max_examples,
+                      "data_root": data_root, "device": str(dev), "world_size": env.world_size},
+            settings_source=source,
+            checkpoint={"path": str(ck.path), "step": ck.step},
+            dataset={"name": ds.name, "split": ds.split, "num_examples": n,
+                     "shape": list(ds.shape), "num_dims": ds.num_dims,
+                     "num_levels": ds.num_levels, "info": ds.info},
+            torch_version=torch.__version__,
+            device=str(dev),
+            device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+            out_dir=str(out),
+            files={"per_example": str(out / EXAMPLES_FILE), "settings": str(out / SETTINGS_FILE)},
+        )  # fmt: skip
+        write_json_atomic(out / RESULT_FILE, result)
+    result = broadcast(result, env)
+    env.barrier()
+    return result
 
+
+def _evaluate_examples(model, ds, out: Path, ev: EvalConfig, with_elbo: bool, env, progress):
+    """This rank's examples (r, r + W, ...) not yet in ``out``, appended to its JSON-lines file."""
+    n, dev = len(ds), next(model.parameters()).device
     done = read_per_example(out)
     mine = list(range(env.rank, n, env.world_size))
     own = out / (EXAMPLES_FILE if not env.distributed else f"per_example.rank{env.rank}.jsonl")
-    _truncate_partial_line(own)
+    truncate_partial_line(own)
     x_all = ds.as_tensor()
-    desc = f"eval {dequantization}" + (f" (x{env.world_size} ranks)" if env.distributed else "")
+    desc = f"eval {ev.dequantization}" + (f" (x{env.world_size} ranks)" if env.distributed else "")
     bar = progress_bar(n, desc, env=env, enabled=progress, unit="img")
     if bar is not None:
         bar.update(sum(i in done for i in range(n)))
     try:
-        for start in range(0, len(mine), batch_size):
-            todo = [i for i in mine[start : start + batch_size] if i not in done]
+        for start in range(0, len(mine), ev.batch_size):
+            todo = [i for i in mine[start : start + ev.batch_size] if i not in done]
             if not todo:
                 continue
             rows = _evaluate_batch(
@@ -150,56 +228,21 @@ def evaluate(
                 x_all[todo].to(dev),
                 todo,
                 ds.num_levels,
-                dequantization=dequantization,
-                num_samples=num_samples,
-                importance_weighted=importance_weighted,
-                divergence=divergence,
-                rtol=rtol,
-                atol=atol,
-                seed=seed,
+                dequantization=ev.dequantization,
+                num_samples=ev.num_samples,
+                importance_weighted=ev.importance_weighted,
+                divergence=ev.divergence,
+                rtol=ev.rtol,
+                atol=ev.atol,
+                seed=ev.seed,
                 with_elbo=with_elbo,
             )
-            _append_rows(own, rows)
+            append_jsonl(own, rows)
             if bar is not None:
                 bar.update(min(len(todo) * env.world_size, bar.total - bar.n))
     finally:
         if bar is not None:
             bar.close()
-
-    env.barrier()
-    result = None
-    if env.is_main:
-        rows = _merge(out, n)
-        result = summarize(rows, n, num_samples)
-        result.update(
-            wall_seconds=time.perf_counter() - t0,
-            settings={
-                **fingerprint,
-                "batch_size": batch_size,
-                "max_examples": max_examples,
-                "data_root": None if root is None else str(root),
-                "device": str(dev),
-                "world_size": env.world_size,
-            },
-            checkpoint={"path": str(ckpt_dir), "step": ck.step},
-            dataset={
-                "name": ds.name,
-                "split": ds.split,
-                "num_examples": n,
-                "shape": list(ds.shape),
-                "num_dims": ds.num_dims,
-                "num_levels": ds.num_levels,
-                "info": _jsonable(ds.info),
-            },
-            torch_version=torch.__version__,
-            device=str(dev),
-            device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            files={"per_example": str(out / EXAMPLES_FILE), "settings": str(out / SETTINGS_FILE)},
-        )
-        _write_json_atomic(out / RESULT_FILE, result)
-    result = broadcast(result, env)
-    env.barrier()
-    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -240,7 +283,7 @@ def _evaluate_batch(
         rtol,
         atol,
         importance_weighted=importance_weighted,
-        generator=example_generators(seed, indices, dev),
+        generator=example_generators(seed, indices, dev, purpose="dequantization"),
     )
     cols: dict[str, Tensor] = {
         "bpd": res.bpd,
@@ -294,21 +337,6 @@ def _evaluate_batch(
 # --------------------------------------------------------------------------------------------------
 
 
-def _check(dequantization, divergence, split, num_samples, batch_size, max_examples) -> None:
-    for key, val, valid in (
-        ("dequantization", dequantization, DEQUANTIZATIONS),
-        ("divergence", divergence, DIVERGENCES),
-        ("split", split, ("train", "test")),
-    ):
-        if val not in valid:
-            raise ConfigError(f"{key}={val!r} is not valid; choose one of {', '.join(valid)}")
-    for key, val in (("num_samples", num_samples), ("batch_size", batch_size)):
-        if not isinstance(val, int) or val < 1:
-            raise ConfigError(f"{key} must be a positive integer, got {val!r}")
-    if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
-        raise ConfigError(f"max_examples must be a positive integer or None, got {max_examples!r}")
-
-
 def _prepare_out_dir(out: Path, fingerprint: dict, overwrite: bool) -> str | None:
     """Start or resume ``out``; an error message if it holds results of other settings."""
     out.mkdir(parents=True, exist_ok=True)
@@ -318,7 +346,7 @@ def _prepare_out_dir(out: Path, fingerprint: dict, overwrite: bool) -> str | Non
             saved = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):
             saved = None
-        if saved != _jsonable(fingerprint):
+        if saved != jsonable(fingerprint):
             if not isinstance(saved, dict):
                 return (
                     f"{path} is unreadable; pick another output directory or pass "
@@ -341,7 +369,7 @@ def _prepare_out_dir(out: Path, fingerprint: dict, overwrite: bool) -> str | Non
         )
     for p in [out / RESULT_FILE, *_example_files(out)]:
         p.unlink(missing_ok=True)
-    _write_json_atomic(path, fingerprint)
+    write_json_atomic(path, fingerprint)
     return None
 
 
@@ -368,25 +396,6 @@ def read_per_example(out_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
     return rows
 
 
-def _truncate_partial_line(path: Path) -> None:
-    # a kill mid-write leaves a line without its newline: cut it so the next append starts clean
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-            f.flush()
-            os.fsync(f.fileno())
-
-
-def _append_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    with open(path, "a") as f:
-        f.write("".join(json.dumps(r) + "\n" for r in rows))
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def _merge(out: Path, n: int) -> list[dict[str, Any]]:
     """Rank 0: all files -> one sorted ``per_example.jsonl``; the rows of examples 0..n-1."""
     done = read_per_example(out)
@@ -403,20 +412,6 @@ def _merge(out: Path, n: int) -> list[dict[str, Any]]:
     for p in rank_files:  # now in per_example.jsonl
         p.unlink()
     return [done[i] for i in range(n)]
-
-
-def _write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, default=str))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ __all__ = ["sample_to_files", "save_image_grid"]
 
 def sample_to_files(
     checkpoint: str | os.PathLike,
-    out_prefix: str | os.PathLike,
+    out_prefix: str | os.PathLike | None = None,
     num_samples: int = 64,
     *,
     seed: int = 0,
@@ -81,7 +81,8 @@ def sample_to_files(
     samples = torch.cat(parts).numpy().astype(dtype)
     nfe = int(sum(nfe_per_batch))
 
-    prefix = Path(out_prefix)
+    # by default in the run folder, never inside a checkpoint folder that cleanup deletes
+    prefix = Path(out_prefix) if out_prefix is not None else default_sample_prefix(ck)
     prefix.parent.mkdir(parents=True, exist_ok=True)
     npz_path = prefix.with_name(prefix.name + ".npz")
     png_path = prefix.with_name(prefix.name + ".png")
@@ -103,6 +104,13 @@ def sample_to_files(
         "step": ck.step,
         "seconds": time.perf_counter() - tic,
     }
+
+
+def default_sample_prefix(ck) -> Path:
+    """RUN/samples/step_N (files step_N.npz and step_N.png) for a loaded checkpoint."""
+    from idode.checkpoint import run_folder
+
+    return run_folder(ck.path) / "samples" / f"step_{ck.step:08d}"
 
 
 def save_image_grid(

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from idode.checkpoint import LoadedCheckpoint, find_checkpoint, load_checkpoint, save_checkpoint
 from idode.config import Config, ConfigError, dumps
-from idode.data import augment_batch, load_dataset, make_loader, subset
+from idode.data import augment_batch, dataset_from_config, held_out_subset, make_loader
 from idode.dequantization import bin_centers
 from idode.distributed import DistEnv, all_gather, dist_env, progress_bar, setup
 from idode.likelihood import bits_per_dim, elbo
@@ -203,16 +203,8 @@ def _setup(cfg: Config, run_dir: Path) -> _Run:
         run_dir.mkdir(parents=True, exist_ok=True)
     env.barrier()
     # data: integer images; the scaling to [-1, 1] is bin_centers, in one place
-    train_ds = load_dataset(
-        dc.name,
-        "train",
-        dc.root,
-        version=dc.version,
-        path=dc.path,
-        max_examples=dc.max_train_examples,
-    )
-    eval_ds = load_dataset(dc.name, dc.eval_split, dc.root, version=dc.version, path=dc.path)
-    eval_ds = subset(eval_ds, min(dc.eval_examples, len(eval_ds)), seed=0)
+    train_ds = dataset_from_config(dc, "train", max_examples=dc.max_train_examples)
+    eval_ds = held_out_subset(dc)
     loader = make_loader(
         train_ds,
         per_rank,
