@@ -95,3 +95,42 @@ def test_inconsistent_config_is_refused():
     d["train"]["learning_rate"] = 1.0
     with pytest.raises(ConfigError, match="'learning_rate'"):
         config_from_dict(d)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("eval.rtol=0", "eval.rtol must be > 0"),
+        ("eval.atol=-1e-5", "eval.atol must be > 0"),
+        ("train.lr=-0.001", "train.lr must be > 0"),
+        ("train.lr=nan", "train.lr=nan must be a finite number"),
+        ("train.warmup_steps=-1", "train.warmup_steps must be >= 0"),
+        ("train.beta2=1.0", r"train.beta2 must be in \[0, 1\)"),
+        ("train.grad_clip=0", "train.grad_clip must be > 0 or None"),
+        ("train.eval_every=-5", "train.eval_every must be >= 0"),
+        ("model.dropout=1.5", r"model.dropout must be in \[0, 1\)"),
+        ("model.n_layers=0", "model.n_layers must be >= 1"),
+        ("model.fourier_levels=1", "model.fourier_levels must be >= 2"),
+        ("data.eval_examples=0", "data.eval_examples must be >= 1"),
+        ("data.max_train_examples=0", "data.max_train_examples must be a positive integer"),
+        ("eval.num_samples=0", "eval.num_samples must be >= 1"),
+        ("eval.dequantization=gaussian", "eval.dequantization='gaussian' is not valid; choose"),
+        ("eval.divergence=hutch", "eval.divergence='hutch' is not valid; choose one of exact"),
+        ("train.device=gpu", "train.device='gpu' is not valid; use auto, cpu, cuda or cuda:N"),
+    ],
+)
+def test_every_field_is_validated_up_front(override, message):
+    with pytest.raises(ConfigError, match=message):
+        apply_overrides(get_preset("digits_cpu"), [override])
+
+
+def test_config_from_a_file_with_a_bad_value_is_refused():
+    from idode.config import config_from_dict, config_to_dict
+
+    d = config_to_dict(get_preset("digits_cpu"))
+    d["eval"]["rtol"] = 0.0
+    with pytest.raises(ConfigError, match="eval.rtol must be > 0"):
+        config_from_dict(d)
+    d["eval"]["rtol"] = "1e-5"  # a string where a float belongs
+    with pytest.raises(ConfigError, match="eval.rtol='1e-5' must be of type float"):
+        config_from_dict(d)

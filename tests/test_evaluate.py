@@ -169,3 +169,88 @@ def test_missing_or_corrupt_checkpoint(ckpt, tmp_path):
         evaluate(bad, tmp_path / "e2", **FAST)
     with pytest.raises(ConfigError, match="dequantization='gauss'.*truncated_normal"):
         evaluate(ckpt, tmp_path / "e3", **{**FAST, "dequantization": "gauss"})
+
+
+@pytest.fixture(scope="module")
+def protocol_ckpt(tmp_path_factory):
+    """A run whose config carries a non-default evaluation protocol (K = 2 uniform, IW)."""
+    run = tmp_path_factory.mktemp("protocol") / "run"
+    cfg = apply_overrides(
+        get_preset("digits_cpu"),
+        [
+            *TINY,
+            "eval.dequantization=uniform",
+            "eval.num_samples=2",
+            "eval.importance_weighted=true",
+            "eval.rtol=1e-3",
+            "eval.atol=1e-3",
+            "eval.seed=3",
+            "train.ode_eval_every=20",
+            "data.ode_eval_examples=2",
+        ],
+    )
+    train(cfg, run, progress=False)
+    return run
+
+
+def test_eval_takes_its_protocol_from_the_checkpoint(protocol_ckpt):
+    res = evaluate(protocol_ckpt, max_examples=3, device="cpu", progress=False, with_elbo=False)
+    st = res["settings"]
+    assert (st["dequantization"], st["num_samples"], st["importance_weighted"]) == (
+        "uniform",
+        2,
+        True,
+    )
+    assert (st["rtol"], st["atol"], st["seed"]) == (1e-3, 1e-3, 3)
+    assert set(res["settings_source"].values()) == {"checkpoint"}
+    rows = _rows(evaluate_module.Path(res["out_dir"]))
+    # the reported number is the importance-weighted bound, as the protocol says
+    assert [r["bpd"] for r in rows] == [r["bpd_importance_weighted"] for r in rows]
+    assert all(len(r["steps_per_draw"]) == 2 for r in rows)
+    # default output: in the run folder, never inside a checkpoint folder (cleanup owns those)
+    out = evaluate_module.Path(res["out_dir"])
+    assert out.parent == protocol_ckpt / "evals"
+    assert out.name == "step_00000020_test_uniform_k2_iw"
+
+
+def test_flags_override_the_checkpoint_protocol_and_say_so(protocol_ckpt, tmp_path):
+    res = evaluate(
+        protocol_ckpt,
+        tmp_path / "e",
+        max_examples=2,
+        device="cpu",
+        progress=False,
+        with_elbo=False,
+        num_samples=1,
+        importance_weighted=False,
+    )
+    st, src = res["settings"], res["settings_source"]
+    assert (st["dequantization"], st["num_samples"], st["importance_weighted"]) == (
+        "uniform",
+        1,
+        False,
+    )
+    assert src["num_samples"] == src["importance_weighted"] == "argument"
+    assert src["dequantization"] == src["rtol"] == "checkpoint"
+
+
+def test_periodic_evaluation_follows_the_protocol(protocol_ckpt):
+    from idode.rundir import read_metrics
+
+    m = read_metrics(protocol_ckpt / "metrics.jsonl")
+    assert "eval/ode_bpd_uniform" in m and "eval/ode_bpd_tn" not in m
+    # K = 2 draws per image: at least 2 x (6 steps + 2) evaluations per image
+    assert m["eval/ode_nfe"][-1][1] >= 2 * 8
+
+
+def test_bad_arguments_are_refused_before_anything_is_written(protocol_ckpt, tmp_path):
+    out = tmp_path / "never"
+    for kwargs, message in (
+        ({"rtol": 0.0}, "eval.rtol must be > 0"),
+        ({"num_samples": 0}, "eval.num_samples must be >= 1"),
+        ({"dequantization": "gaussian"}, "eval.dequantization='gaussian' is not valid"),
+        ({"max_examples": 0}, "max_examples must be a positive integer"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            evaluate(protocol_ckpt, out, device="cpu", progress=False, **kwargs)
+    assert not out.exists()

@@ -81,6 +81,8 @@ LOG_2PI = math.log(2.0 * math.pi)  # the one home of log 2 pi (Gaussian densitie
 
 @dataclass
 class Dequantized:
+    """Dequantized data z at gamma_start with the terms of its bound (log q, decoder)."""
+
     z: Tensor  # [B, ...] float64 ODE starting point
     log_q: Tensor  # [B] float64, log q(z | k) of this draw
     expected_log_q: Tensor  # [B] float64, E_q[log q] (minus the entropy), the analytic form

@@ -78,6 +78,8 @@ def _probes(num_probes: int, shape: tuple, kind: str, generator: Generators, dev
 
 @dataclass
 class LogLikelihoodResult:
+    """log p of the model marginal at gamma_start, its parts, and the solver cost (float64)."""
+
     logp: Tensor  # [B] float64 nats: log p_{gamma_start}(z) = prior_logp + delta_logp
     prior_logp: Tensor  # [B] log N(z_end; 0, sigma_max^2 I)
     delta_logp: Tensor  # [B] int_{gamma_start}^{gamma_max} div h dgamma

@@ -121,10 +121,6 @@ class Schedule:
         return self._at(self.sigma, self.gamma_min)
 
     @property
-    def log_sigma_min(self) -> float:
-        return self._at(self.log_sigma, self.gamma_min)
-
-    @property
     def sigma2_max(self) -> float:
         """Variance of the ODE prior N(0, sigma_max^2 I) (0.993307 VP, 0.854038 SP)."""
         return self._at(self.sigma2, self.gamma_max)

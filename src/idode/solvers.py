@@ -28,6 +28,8 @@ def nfe_of_steps(steps: Tensor) -> Tensor:
 
 @dataclass
 class SolveResult:
+    """The end state of a batch of solves and their cost (per example and batched)."""
+
     y: Tensor  # [B, n] state at t1
     nfe: int  # batched evaluations of f (the cost: each is one call on the whole batch)
     steps: Tensor  # [B] attempted steps per example (accepted + rejected)

@@ -26,6 +26,8 @@ __all__ = ["GammaSample", "sample_quantiles", "sample_gamma"]
 
 @dataclass
 class GammaSample:
+    """Sampled log-SNR-type times gamma [B] with their weights alpha^2/p (method.md §4)."""
+
     gamma: Tensor  # [B], in the dtype requested
     alpha2_over_density: Tensor  # [B] float64: alpha^2(gamma) / p(gamma)  (= Z under IS)
     importance: bool
@@ -64,13 +66,9 @@ def sample_gamma(
     antithetic: bool = True,
     generator: Generators = None,
     device: torch.device | str | None = None,
-    quantiles: Tensor | None = None,
 ) -> GammaSample:
     """Draw one gamma per example and its importance weight (computed in float64)."""
-    u = quantiles
-    if u is None:
-        u = sample_quantiles(batch_size, antithetic=antithetic, generator=generator, device=device)
-    u = u.to(torch.float64)
+    u = sample_quantiles(batch_size, antithetic=antithetic, generator=generator, device=device)
     if importance_sampling:
         z = schedule.importance_normalizer
         gamma = schedule.inverse_cumulative_weight(u * z)
