@@ -105,3 +105,16 @@ class DiscreteOptimalNet:
 
     def entropy_bits(self) -> float:
         return float(-(self.log_probs.exp() * self.log_probs).sum() / math.log(2))
+
+
+class InDtype(torch.nn.Module):
+    """Run a callable network in ``dtype`` (a float32 network under the float64 ODE state)."""
+
+    def __init__(self, fn, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.fn = fn
+        self.anchor = torch.nn.Parameter(torch.zeros((), dtype=dtype), requires_grad=False)
+
+    def forward(self, z: Tensor, gamma: Tensor) -> Tensor:
+        assert z.dtype == self.anchor.dtype and gamma.dtype == self.anchor.dtype
+        return self.fn(z, gamma)

@@ -6,6 +6,7 @@ from problems import (
     CorrelatedGaussianOptimalNet,
     DiscreteOptimalNet,
     GaussianOptimalNet,
+    InDtype,
     gaussian_log_density,
     marginal_variance,
     mvn_log_density,
@@ -40,6 +41,23 @@ def test_log_likelihood_equals_closed_form_gaussian(schedule, param):
     ll = idode.log_likelihood(model, z, divergence="exact", rtol=1e-9, atol=1e-9)
     corrected = ll.delta_logp + gaussian_log_density(ll.z_end, v_max)
     assert ((corrected - exact).abs() / d).max() < 1e-7
+
+
+@pytest.mark.parametrize("param", PARAMETERIZATIONS)
+def test_float32_network_under_the_float64_state(schedule, param):
+    """The closed-form Gaussian likelihood with the network in float32: the state, the divergence
+    accumulation and log p stay float64, and the error is that of float32 network outputs."""
+    s2, d = 0.5, 6
+    net = InDtype(GaussianOptimalNet(schedule, s2, param), torch.float32)
+    model = idode.DiffusionODE(net, schedule, param)
+    v_min = marginal_variance(schedule, schedule.gamma_min, s2)
+    v_max = marginal_variance(schedule, schedule.gamma_max, s2)
+    z = torch.randn(4, d, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    z = z * v_min.sqrt()
+    ll = idode.log_likelihood(model, z, divergence="exact", rtol=1e-6, atol=1e-6)
+    assert ll.logp.dtype == ll.delta_logp.dtype == ll.z_end.dtype == torch.float64
+    corrected = ll.delta_logp + gaussian_log_density(ll.z_end, v_max)
+    assert ((corrected - gaussian_log_density(z, v_min)).abs() / d).max() < 1e-3
 
 
 def _correlated(schedule):

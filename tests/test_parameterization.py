@@ -14,10 +14,11 @@ def _batch(schedule, b=6, d=5):
     return x0, eps, gamma, a * x0 + s * eps
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("param", PARAMETERIZATIONS)
-def test_round_trips_from_exact_targets(schedule, param):
+def test_round_trips_from_exact_targets(schedule, param, dtype):
     """eps -> F -> eps and x0 -> pred -> x0 for the exact targets of every parameterization."""
-    x0, eps, gamma, z = _batch(schedule)
+    x0, eps, gamma, z = (t.to(dtype) for t in _batch(schedule))
     model = idode.DiffusionODE(lambda z, g: z, schedule, param)
     pred = model.target(x0, eps, gamma)
     torch.testing.assert_close(model.eps_from(z, gamma, pred), eps)
