@@ -25,31 +25,21 @@ def build_model(cfg: Config, data_shape: tuple[int, ...], num_levels: int = 256)
     from idode.nets import make_net
 
     m = cfg.model
+    common = dict(dropout=m.dropout, gamma_min=m.gamma_min, gamma_max=m.gamma_max)
     if m.net == "unet":
         # Fourier periods of 2 bins and 1 bin of the data's grey levels (VDM: 2^6, 2^7 for 256)
-        levels = m.fourier_levels or num_levels
         net = make_net(
             "unet",
             data_shape,
             n_embd=m.n_embd,
             n_layers=m.n_layers,
             with_attention=m.with_attention,
-            dropout=m.dropout,
             with_fourier_features=m.fourier_features,
-            fourier_freqs=fourier_freqs(levels),
-            gamma_min=m.gamma_min,
-            gamma_max=m.gamma_max,
+            fourier_freqs=fourier_freqs(m.fourier_levels or num_levels),
             checkpoint=m.checkpoint,
+            **common,
         )
     else:
-        net = make_net(
-            "mlp",
-            data_shape,
-            hidden=m.mlp_hidden,
-            depth=m.mlp_depth,
-            dropout=m.dropout,
-            gamma_min=m.gamma_min,
-            gamma_max=m.gamma_max,
-        )
+        net = make_net("mlp", data_shape, hidden=m.mlp_hidden, depth=m.mlp_depth, **common)
     schedule = make_schedule(m.schedule, m.gamma_min, m.gamma_max)
     return DiffusionODE(net, schedule, m.parameterization)
