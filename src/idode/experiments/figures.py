@@ -1,40 +1,22 @@
-"""Figures for reports: learning curves and bits/dim bars (matplotlib, Agg backend)."""
+"""Figures for the reports of the studies: learning curves and bits/dim bars (matplotlib, Agg)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["read_metrics", "plot_learning_curves", "plot_bars"]
+__all__ = ["plot_bars", "plot_learning_curves", "pyplot"]
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def read_metrics(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
-    """metrics.jsonl -> {name: [(step, value), ...]}."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            for k, v in row.items():
-                if k not in ("step", "time") and isinstance(v, int | float):
-                    series.setdefault(k, []).append((int(row["step"]), float(v)))
-    return series
 
 
 def plot_learning_curves(
@@ -46,7 +28,7 @@ def plot_learning_curves(
     reference: tuple[str, float] | None = None,
 ) -> Path:
     """One line per named series of (step, value); an optional horizontal reference line."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     for name, pts in curves.items():
         if pts:
@@ -78,7 +60,7 @@ def plot_bars(
     reference: tuple[str, float] | None = None,
 ) -> Path:
     """Bars with 95% error bars (``errors`` are half-widths) and value labels."""
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
     xs = range(len(labels))
     bars = ax.bar(xs, values, yerr=errors, capsize=4, color="#4C72B0")

@@ -7,7 +7,6 @@ bound, draws samples, and writes ``report.md`` with a results table and figures.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import platform
@@ -15,6 +14,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from idode.stats import Z95
 
 __all__ = ["run_demo", "DEMO_STEPS"]
 
@@ -36,7 +37,8 @@ def run_demo(
     from idode.config import apply_overrides, get_preset
     from idode.data import load_dataset
     from idode.evaluate import evaluate
-    from idode.plots import plot_bars, plot_learning_curves, read_metrics
+    from idode.experiments.figures import plot_bars, plot_learning_curves
+    from idode.rundir import read_metrics, write_json_atomic
     from idode.sampling import sample_to_files, save_image_grid
     from idode.train import train
 
@@ -102,11 +104,11 @@ def run_demo(
     for deq, r in results.items():
         labels.append(names[deq])
         vals.append(r["bpd"]["mean"])
-        errs.append(1.96 * r["bpd"]["stderr"])
+        errs.append(Z95 * r["bpd"]["stderr"])
     elbo = results["truncated_normal"]["elbo"]
     labels.append("SDE bound (ELBO)")
     vals.append(elbo["mean"])
-    errs.append(1.96 * elbo["stderr"])
+    errs.append(Z95 * elbo["stderr"])
     plot_bars(
         labels,
         vals,
@@ -119,18 +121,15 @@ def run_demo(
     report = _report(cfg, results, samples, t_train, t_eval, time.time() - t0, quick, out)
     path = out / "report.md"
     path.write_text(report)
-    (out / "demo_results.json").write_text(
-        json.dumps(
-            {
-                "results": results,
-                "train_seconds": t_train,
-                "eval_seconds": t_eval,
-                "steps": steps,
-                "quick": quick,
-            },
-            indent=1,
-            default=str,
-        )
+    write_json_atomic(
+        out / "demo_results.json",
+        {
+            "results": results,
+            "train_seconds": t_train,
+            "eval_seconds": t_eval,
+            "steps": steps,
+            "quick": quick,
+        },
     )
     print(f"[idode demo] done in {time.time() - t0:.0f} s. Report: {path.resolve()}", flush=True)
     del res
@@ -160,16 +159,16 @@ def _report(cfg, results, samples, t_train, t_eval, t_all, quick, out) -> str:
     )
     gap = un["bpd"]["mean"] - tn["bpd"]["mean"]
     gap_se = math.sqrt(un["bpd"]["stderr"] ** 2 + tn["bpd"]["stderr"] ** 2)
-    if gap > 1.96 * gap_se:
+    if gap > Z95 * gap_se:
         verdict = (
             f"**Truncated-normal dequantization gives a tighter bound than uniform "
-            f"dequantization by {gap:.3f} bits/dim** (95% interval {gap - 1.96 * gap_se:.3f}"
-            f" .. {gap + 1.96 * gap_se:.3f}), with no training: the paper's central "
+            f"dequantization by {gap:.3f} bits/dim** (95% interval {gap - Z95 * gap_se:.3f}"
+            f" .. {gap + Z95 * gap_se:.3f}), with no training: the paper's central "
             f"evaluation claim holds here."
         )
     else:
         verdict = (
-            f"Truncated-normal minus uniform = {-gap:.3f} +- {1.96 * gap_se:.3f} bits/dim "
+            f"Truncated-normal minus uniform = {-gap:.3f} +- {Z95 * gap_se:.3f} bits/dim "
             f"(95%): the paper's claim that truncated-normal is tighter does *not* hold "
             f"in this run."
         )
