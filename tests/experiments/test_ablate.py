@@ -167,3 +167,13 @@ def test_render_docs(quick_run, tmp_path):
     # the command line re-renders in place
     assert main(["ablate", "--render", str(tmp_path / "docs" / "results.json")]) == 0
     assert (tmp_path / "docs" / "results.md").read_text() == md_path.read_text()
+
+
+def test_cli_needs_out_or_render(capsys):
+    with pytest.raises(SystemExit, match="--out DIR is required"):
+        main(["ablate", "--quick"])
+    with pytest.raises(SystemExit):
+        main(["ablate", "--help"])
+    usage = capsys.readouterr().out
+    for flag in ("--preset", "--out", "--steps", "--quick", "--workers", "--render", "--docs"):
+        assert flag in usage, flag

@@ -6,7 +6,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["plot_bars", "plot_learning_curves", "pyplot"]
+__all__ = ["new_figure", "plot_bars", "plot_learning_curves", "pyplot", "save_figure"]
 
 
 def pyplot():
@@ -19,6 +19,20 @@ def pyplot():
     return plt
 
 
+def new_figure(ncols: int = 1, figsize: tuple[float, float] = (6.4, 4.0)):
+    """(figure, axes) at the reports' size and resolution; ``ncols`` axes side by side."""
+    return pyplot().subplots(1, ncols, figsize=figsize, dpi=120)
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Lay ``fig`` out, write it to ``path`` and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    pyplot().close(fig)
+    return path
+
+
 def plot_learning_curves(
     curves: dict[str, Sequence[tuple[int, float]]],
     path: str | os.PathLike,
@@ -28,8 +42,7 @@ def plot_learning_curves(
     reference: tuple[str, float] | None = None,
 ) -> Path:
     """One line per named series of (step, value); an optional horizontal reference line."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, ax = new_figure()
     for name, pts in curves.items():
         if pts:
             xs, ys = zip(*pts, strict=True)
@@ -42,11 +55,7 @@ def plot_learning_curves(
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_bars(
@@ -60,8 +69,7 @@ def plot_bars(
     reference: tuple[str, float] | None = None,
 ) -> Path:
     """Bars with 95% error bars (``errors`` are half-widths) and value labels."""
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, ax = new_figure()
     xs = range(len(labels))
     bars = ax.bar(xs, values, yerr=errors, capsize=4, color="#4C72B0")
     for rect, v in zip(bars, values, strict=True):
@@ -82,8 +90,4 @@ def plot_bars(
     if title:
         ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -6,7 +6,7 @@ import os
 from pathlib import Path
 
 from idode.experiments.ablate.grid import DEQ_LABELS, FT1, FT2, RUN_LABELS
-from idode.experiments.figures import plot_bars, plot_learning_curves, pyplot
+from idode.experiments.figures import new_figure, plot_bars, plot_learning_curves, save_figure
 from idode.stats import Z95
 
 __all__ = ["FIGURES", "make_figures"]
@@ -81,8 +81,7 @@ def make_figures(results: dict, fig_dir: str | os.PathLike) -> list[Path]:
 
 
 def _plot_differences(results: dict, path: Path) -> Path:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, ax = new_figure()
     pairs = [
         (results["parameterization"]["velocity_vs_eps_is"], "eps_is - velocity_is"),
         (results["parameterization"]["velocity_vs_eps_uniform"], "eps_unif - velocity_unif"),
@@ -103,15 +102,11 @@ def _plot_differences(results: dict, path: Path) -> Path:
     ax.set_title("> 0: the second run of each pair is better (95% bands)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _plot_variance(results: dict, path: Path) -> Path:
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, ax = new_figure()
     kinds = [
         ("loss_var", "per-batch loss"),
         ("grad_norm_var", "grad norm"),
@@ -132,17 +127,13 @@ def _plot_variance(results: dict, path: Path) -> Path:
     ax.set_title("> 1: importance sampling has the lower variance (95% bootstrap)", fontsize=9)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _plot_finetune(results: dict, path: Path) -> Path:
-    plt = pyplot()
     ode = results["ode"]
     names = [("velocity_is", "base"), (FT1, "+ first order"), (FT2, "+ second order")]
-    fig, axes = plt.subplots(1, 2, figsize=(8.0, 3.6), dpi=120)
+    fig, axes = new_figure(2, figsize=(8.0, 3.6))
     for ax, key, ylabel in ((axes[0], "bpd", "ODE bits/dim (TN)"), (axes[1], "nfe", "NFE / image")):
         vals = [ode[n][key]["mean"] for n, _ in names]
         errs = [_halfwidth(ode[n][key]) for n, _ in names]
@@ -159,7 +150,4 @@ def _plot_finetune(results: dict, path: Path) -> Path:
         f"{results['finetune']['from_step']} (95% intervals)",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

