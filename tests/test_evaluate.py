@@ -4,6 +4,7 @@ import shutil
 
 import numpy as np
 import pytest
+from scipy.stats import norm
 
 from idode import evaluate as evaluate_module
 from idode.checkpoint import CheckpointError, find_checkpoint
@@ -78,8 +79,9 @@ def test_eval_json_matches_the_per_example_file(reference, ckpt):
         assert s["n"] == 12
         assert s["mean"] == pytest.approx(vals.mean(), rel=1e-12)
         se = vals.std(ddof=1) / math.sqrt(12)
+        z = norm.ppf(0.975)  # the two-sided 95% normal quantile
         assert s["stderr"] == pytest.approx(se, rel=1e-9)
-        assert s["ci95"] == pytest.approx([vals.mean() - 1.96 * se, vals.mean() + 1.96 * se])
+        assert s["ci95"] == pytest.approx([vals.mean() - z * se, vals.mean() + z * se])
     assert all(np.isfinite(r["bpd"]) and np.isfinite(r["elbo_bpd"]) for r in rows)
     # K = 1, not importance weighted: all three estimates coincide up to log q vs E log q
     assert res["bpd"]["mean"] == res["bpd_mean_of_bounds"]["mean"]

@@ -5,7 +5,8 @@ idode finetune --from RUN_DIR/checkpoint --out RUN_DIR2 [--steps N] [--weight 0.
 idode eval     --checkpoint CKPT [--dequantization ...] [--num-samples K] [--out DIR]
 idode sample   --checkpoint CKPT -n 64 [--out PREFIX]
 idode demo     [--out DIR]
-idode ablate   --preset digits [--quick] --out DIR
+idode ablate   --preset digits [--quick] --out DIR [--docs DIR]
+idode ablate   --render RESULTS_JSON [--docs DIR]
 """
 
 from __future__ import annotations
@@ -141,17 +142,29 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from idode.demo import run_demo
+    from idode.experiments.demo import run_demo
 
     run_demo(args.out, steps=args.steps, quick=args.quick, progress=not args.no_progress)
     return 0
 
 
 def cmd_ablate(args: argparse.Namespace) -> int:
-    from idode.ablate import run_ablation
+    from idode.experiments.ablate import render_docs, run_ablation
 
+    if args.render:
+        path = render_docs(args.render, args.docs or Path(args.render).parent)
+        print(f"wrote {path}")
+        return 0
+    if not args.out:
+        raise SystemExit("idode ablate: --out DIR is required (or --render RESULTS_JSON)")
     run_ablation(
-        args.preset, args.out, steps=args.steps, quick=args.quick, progress=not args.no_progress
+        args.preset,
+        args.out,
+        steps=args.steps,
+        quick=args.quick,
+        progress=not args.no_progress,
+        workers=args.workers,
+        docs_dir=args.docs,
     )
     return 0
 
@@ -244,11 +257,21 @@ def build_parser() -> argparse.ArgumentParser:
     common(d)
     d.set_defaults(fn=cmd_demo)
 
-    a = sub.add_parser("ablate", help="the paper's ablations at small scale, with a report")
+    a = sub.add_parser(
+        "ablate",
+        help="the paper's ablations at small scale, with a report (or --render one again)",
+    )
     a.add_argument("--preset", default="digits", choices=["digits", "mnist"])
-    a.add_argument("--out", required=True)
-    a.add_argument("--steps", type=int, default=None)
+    a.add_argument("--out", help="output folder of the run (required unless --render)")
+    a.add_argument("--steps", type=int, default=None, help="base training steps of every run")
     a.add_argument("--quick", action="store_true", help="a < 5 minute smoke version")
+    a.add_argument("--workers", type=int, default=None, help="processes (default min(2, cpus))")
+    a.add_argument(
+        "--render", metavar="RESULTS_JSON", help="only re-render figures and report from this file"
+    )
+    a.add_argument(
+        "--docs", metavar="DIR", help="also write results.json, figures/, results.md there"
+    )
     common(a)
     a.set_defaults(fn=cmd_ablate)
     return p

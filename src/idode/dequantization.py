@@ -22,6 +22,7 @@ __all__ = [
     "Dequantized",
     "bin_centers",
     "bits_per_dim_from_nats",
+    "nats_to_bits_per_dim",
     "check_integer_data",
     "decoder_log_prob",
     "dequantize",
@@ -209,4 +210,9 @@ def bits_per_dim_from_nats(log_prob: Tensor, num_dims: int) -> Tensor:
     This is the only conversion: every dequantization's scale sits in its log q (for uniform,
     d log(L/2), the "+7" of 8-bit data), so no offset is ever added afterwards (method.md §6.3).
     """
-    return -log_prob / (num_dims * math.log(2.0))
+    return nats_to_bits_per_dim(-log_prob, num_dims)
+
+
+def nats_to_bits_per_dim(nats: Tensor, num_dims: int) -> Tensor:
+    """A per-image quantity in nats (a loss, a negative log-likelihood) in bits per dimension."""
+    return nats / (num_dims * math.log(2.0))

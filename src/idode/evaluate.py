@@ -41,6 +41,7 @@ from idode.distributed import broadcast, progress_bar, setup
 from idode.likelihood import Divergence, bits_per_dim, elbo
 from idode.rng import example_generators
 from idode.rundir import append_jsonl, jsonable, truncate_partial_line, write_json_atomic
+from idode.stats import summarize as summarize_values
 
 __all__ = [
     "EvalSettingsError",
@@ -420,13 +421,10 @@ def _merge(out: Path, n: int) -> list[dict[str, Any]]:
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
-    """Mean, standard error (sample std / sqrt n) and the normal 95% interval mean +- 1.96 SE."""
-    n = len(values)
-    mean = math.fsum(values) / n
-    std = statistics.stdev(values) if n > 1 else None
-    se = std / math.sqrt(n) if std is not None else None
-    ci = [mean - 1.96 * se, mean + 1.96 * se] if se is not None else None
-    return {"mean": mean, "stderr": se, "ci95": ci, "std": std, "n": n}
+    """eval.json's summary of per-example values (``idode.stats.summarize``; None below n = 2)."""
+    s = summarize_values(values)
+    ci = list(s.ci95) if s.ci95 is not None else None
+    return {"mean": s.mean, "stderr": s.stderr, "ci95": ci, "std": s.std, "n": s.n}
 
 
 def summarize(rows: list[dict[str, Any]], n: int | None = None, num_samples: int = 1) -> dict:

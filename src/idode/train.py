@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from idode.checkpoint import LoadedCheckpoint, find_checkpoint, load_checkpoint, save_checkpoint
 from idode.config import Config, ConfigError, dumps
 from idode.data import augment_batch, dataset_from_config, held_out_subset, make_loader
-from idode.dequantization import bin_centers
+from idode.dequantization import bin_centers, nats_to_bits_per_dim
 from idode.distributed import DistEnv, all_gather, dist_env, progress_bar, setup
 from idode.likelihood import bits_per_dim, elbo
 from idode.losses import diffusion_loss_terms
@@ -276,7 +276,7 @@ def _optimizer_step(run: _Run, batches: Iterator[Tensor]) -> tuple[Tensor, float
     for group in run.optimizer.param_groups:
         group["lr"] = lr
     run.optimizer.zero_grad(set_to_none=True)
-    ln2d = math.prod(run.shape) * math.log(2.0)
+    d = math.prod(run.shape)
     stats = torch.zeros(3, device=dev)  # loss, first-order, second-order (bits/dim)
     for micro in range(t.grad_accum):
         x_int = next(batches).to(dev, non_blocking=True)
@@ -298,12 +298,12 @@ def _optimizer_step(run: _Run, batches: Iterator[Tensor]) -> tuple[Tensor, float
                     net_kwargs=kw,
                     validate=False,
                 )
-            loss = terms.loss.float().mean() / ln2d
+            loss = nats_to_bits_per_dim(terms.loss.float().mean(), d)
             (loss / t.grad_accum).backward()
         parts = (
             loss,
-            terms.first_order.float().mean() / ln2d,
-            terms.second_order.float().mean() / ln2d,
+            nats_to_bits_per_dim(terms.first_order.float().mean(), d),
+            nats_to_bits_per_dim(terms.second_order.float().mean(), d),
         )
         stats += torch.stack([p.detach() for p in parts])
     stats /= t.grad_accum

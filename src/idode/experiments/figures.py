@@ -1,16 +1,16 @@
-"""Figures for reports: learning curves and bits/dim bars (matplotlib, Agg backend)."""
+"""Figures for the reports of the studies: learning curves and bits/dim bars (matplotlib, Agg)."""
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["read_metrics", "plot_learning_curves", "plot_bars"]
+__all__ = ["new_figure", "plot_bars", "plot_learning_curves", "pyplot", "save_figure"]
 
 
-def _plt():
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only, no display)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -19,22 +19,18 @@ def _plt():
     return plt
 
 
-def read_metrics(path: str | os.PathLike) -> dict[str, list[tuple[int, float]]]:
-    """metrics.jsonl -> {name: [(step, value), ...]}."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash
-            for k, v in row.items():
-                if k not in ("step", "time") and isinstance(v, int | float):
-                    series.setdefault(k, []).append((int(row["step"]), float(v)))
-    return series
+def new_figure(ncols: int = 1, figsize: tuple[float, float] = (6.4, 4.0)):
+    """(figure, axes) at the reports' size and resolution; ``ncols`` axes side by side."""
+    return pyplot().subplots(1, ncols, figsize=figsize, dpi=120)
+
+
+def save_figure(fig, path: str | os.PathLike) -> Path:
+    """Lay ``fig`` out, write it to ``path`` and close it."""
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path)
+    pyplot().close(fig)
+    return path
 
 
 def plot_learning_curves(
@@ -46,8 +42,7 @@ def plot_learning_curves(
     reference: tuple[str, float] | None = None,
 ) -> Path:
     """One line per named series of (step, value); an optional horizontal reference line."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, ax = new_figure()
     for name, pts in curves.items():
         if pts:
             xs, ys = zip(*pts, strict=True)
@@ -60,11 +55,7 @@ def plot_learning_curves(
         ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_bars(
@@ -78,8 +69,7 @@ def plot_bars(
     reference: tuple[str, float] | None = None,
 ) -> Path:
     """Bars with 95% error bars (``errors`` are half-widths) and value labels."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
+    fig, ax = new_figure()
     xs = range(len(labels))
     bars = ax.bar(xs, values, yerr=errors, capsize=4, color="#4C72B0")
     for rect, v in zip(bars, values, strict=True):
@@ -100,8 +90,4 @@ def plot_bars(
     if title:
         ax.set_title(title)
     ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

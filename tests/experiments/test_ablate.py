@@ -1,4 +1,4 @@
-"""The ablation driver: statistics helpers, settings, and the --quick grid end to end."""
+"""The ablation study: its statistics, settings, report, and the --quick grid end to end."""
 
 import json
 import math
@@ -6,24 +6,48 @@ import math
 import numpy as np
 import pytest
 
-from idode import ablate
-from idode.ablate import CLAIMS, FIGURES, RUNS, ablation_settings, render_results_md, run_ablation
+from idode.cli import main
+from idode.experiments.ablate import (
+    CLAIMS,
+    FIGURES,
+    RUNS,
+    ablation_settings,
+    render_docs,
+    render_results_md,
+    run_ablation,
+)
+from idode.experiments.ablate.collect import paired_stat, stat
+from idode.experiments.ablate.grid import FT1, FT2, finetune_run_config, run_config
+from idode.experiments.ablate.jobs import trace_cov
+from idode.experiments.ablate.report import _diff, _pm
+from idode.stats import logmeanexp, verdict
 
 
 def test_paired_summary_and_verdict():
     rng = np.random.default_rng(0)
     a = rng.normal(size=400)
     b = a - 0.5 + 0.1 * rng.normal(size=400)  # b is lower by 0.5 on every example
-    s = ablate._paired(a, b)
+    s = paired_stat(a, b)
     assert s["n"] == 400
     assert s["mean"] == pytest.approx(0.5, abs=0.03)
     # the paired interval is narrow although a and b vary a lot
     assert s["ci95"][1] - s["ci95"][0] < 0.05
     assert s["ci95"][0] == pytest.approx(s["mean"] - 1.959964 * s["se"])
-    assert ablate._verdict(s["ci95"]) == "held"
-    assert ablate._verdict([-0.2, -0.1]) == "did not hold"
-    assert ablate._verdict([-0.1, 0.2]) == "inconclusive"
-    assert ablate._verdict([1.1, 3.0], null=1.0) == "held"
+    assert verdict(s["ci95"]) == "held"
+    assert verdict([-0.2, -0.1]) == "did not hold"
+    assert verdict([-0.1, 0.2]) == "inconclusive"
+    assert verdict([1.1, 3.0], null=1.0) == "held"
+    assert s["a_mean"] == pytest.approx(a.mean()) and s["b_mean"] == pytest.approx(b.mean())
+
+
+def test_one_value_is_reported_without_an_interval():
+    s = stat([1.25])
+    assert s["mean"] == 1.25 and s["n"] == 1
+    assert s["se"] is None and s["ci95"] is None and s["sd"] is None
+    assert _pm(s) == "1.250 (n = 1: the interval needs n >= 2)"
+    assert _diff(s) == "+1.250 (n = 1: the interval needs n >= 2)"
+    two = stat([1.0, 2.0])  # sd = 1/sqrt(2), se = 1/2
+    assert _pm(two) == f"1.500 ± {1.959964 * 0.5:.3f}"
 
 
 def test_trace_cov_matches_numpy():
@@ -32,9 +56,9 @@ def test_trace_cov_matches_numpy():
     c = g - g.mean(0)
     idx = np.arange(30)
     want = np.trace(np.cov(g, rowvar=False))
-    assert ablate._trace_cov(c @ c.T, idx) == pytest.approx(want)
+    assert trace_cov(c @ c.T, idx) == pytest.approx(want)
     boot = rng.integers(0, 30, 30)
-    assert ablate._trace_cov(c @ c.T, boot) == pytest.approx(np.trace(np.cov(g[boot].T)))
+    assert trace_cov(c @ c.T, boot) == pytest.approx(np.trace(np.cov(g[boot].T)))
 
 
 def test_iw_bound_groups():
@@ -42,7 +66,7 @@ def test_iw_bound_groups():
     x = np.full((3, 16), -100.0)
     for k in (1, 4, 16):
         groups = x.reshape(3, 16 // k, k)
-        assert np.allclose(ablate._logmeanexp(groups, 2), -100.0)
+        assert np.allclose(logmeanexp(groups, 2), -100.0)
 
 
 def test_settings():
@@ -54,10 +78,10 @@ def test_settings():
     assert ablation_settings("mnist", quick=True).quick
     with pytest.raises(ValueError, match="unknown ablation preset"):
         ablation_settings("cifar10")
-    cfg = ablate.run_config(full, "eps_uniform")
+    cfg = run_config(full, "eps_uniform")
     assert cfg.model.parameterization == "eps" and not cfg.train.importance_sampling
-    assert ablate.run_config(full, "velocity_is_sp").model.schedule == "SP"
-    ft = ablate._finetune_cfg(full, 0.1)
+    assert run_config(full, "velocity_is_sp").model.schedule == "SP"
+    ft = finetune_run_config(full, 0.1)
     assert ft.train.steps == 3750 and ft.train.second_order_weight == 0.1
 
 
@@ -106,7 +130,7 @@ def test_quick_grid(quick_run):
     # 3: second-order finetuning vs first-order continuation
     ft = res["finetune"]
     assert ft["extra_steps"] == s["finetune_steps"]
-    assert res["ode"][ablate.FT2]["bpd"]["n"] == res["ode"][ablate.FT1]["bpd"]["n"]
+    assert res["ode"][FT2]["bpd"]["n"] == res["ode"][FT1]["bpd"]["n"]
     assert ft["cost_ratio_second_over_first"] > 0
     # 4: every dequantization and K
     entries = res["dequantization"]["entries"]
@@ -133,12 +157,23 @@ def test_quick_grid(quick_run):
 @pytest.mark.slow
 def test_render_docs(quick_run, tmp_path):
     out, path = quick_run
-    md_path = ablate.render_docs(path, tmp_path / "docs")
+    md_path = render_docs(path, tmp_path / "docs")
     assert md_path.read_text() == (out / "results.md").read_text()
     assert json.loads((tmp_path / "docs" / "results.json").read_text()) == json.loads(
         path.read_text()
     )
     for name in FIGURES.values():
         assert (tmp_path / "docs" / "figures" / name).is_file()
-    # the module entry point re-renders in place
-    assert ablate.main(["--render", str(tmp_path / "docs" / "results.json")]) == 0
+    # the command line re-renders in place
+    assert main(["ablate", "--render", str(tmp_path / "docs" / "results.json")]) == 0
+    assert (tmp_path / "docs" / "results.md").read_text() == md_path.read_text()
+
+
+def test_cli_needs_out_or_render(capsys):
+    with pytest.raises(SystemExit, match="--out DIR is required"):
+        main(["ablate", "--quick"])
+    with pytest.raises(SystemExit):
+        main(["ablate", "--help"])
+    usage = capsys.readouterr().out
+    for flag in ("--preset", "--out", "--steps", "--quick", "--workers", "--render", "--docs"):
+        assert flag in usage, flag
