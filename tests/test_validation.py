@@ -63,7 +63,9 @@ def test_check_device_accepts(spec: str) -> None:
 
 @pytest.mark.parametrize("spec", ["gpu", "CUDA", "cuda:", "cuda:x", "mps0", "", "cpu:0 "])
 def test_check_device_refuses(spec: str) -> None:
-    with pytest.raises(InputError, match=r"is not a device; valid: auto, cpu, cuda, cuda:N"):
+    with pytest.raises(
+        InputError, match=r"not a device for --device; valid: auto, cpu, cuda, cuda:N"
+    ):
         check_device(spec, "--device")
 
 

@@ -428,9 +428,11 @@ def _load_npz(split: str, path: Path) -> ImageDataset:
                     f"accepted are {', '.join(map(repr, _NPZ_KEYS[split]))}; write it with "
                     f"{_NPZ_SAVE}"
                 )
-            reading, x = key, z[key]
-            reading, num_levels = "num_levels", 256
+            reading = key
+            x = z[key]
+            num_levels = 256
             if "num_levels" in z.files:
+                reading = "num_levels"
                 num_levels = _npz_num_levels(z["num_levels"], path)
     except DatasetError:
         raise

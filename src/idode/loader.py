@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from idode.validation import InputError
+
 if TYPE_CHECKING:
     from idode.data import ImageDataset
 
@@ -152,8 +154,11 @@ class ImageLoader:
         mine = self.state_dict()
         diff = [k for k in mine if k not in ("epoch", "position") and state.get(k) != mine[k]]
         if diff:
-            pairs = ", ".join(f"{k}: saved {state.get(k)!r} vs now {mine[k]!r}" for k in diff)
-            raise ValueError(f"loader state does not match this loader ({pairs})")
+            pairs = ", ".join(f"{k}: saved {state.get(k)!r}, now {mine[k]!r}" for k in diff)
+            raise InputError(
+                f"the saved data order does not fit this run's data ({pairs}); resume with the "
+                f"data and batch settings the run was started with, or start a new run"
+            )
         self._epoch, self._position = int(state["epoch"]), int(state["position"])
 
 

@@ -61,7 +61,8 @@ def check_positive(name: str, value: Any, *, integer: bool = False) -> Any:
 def check_device(spec: str, name: str = "device") -> str:
     """Return ``spec`` if it reads auto, cpu, cuda or cuda:N (syntax only), else InputError."""
     if not isinstance(spec, str) or not _DEVICE.fullmatch(spec):
-        raise InputError(f"{name} {spec!r} is not a device; valid: {DEVICE_CHOICES}")
+        where = f" for {name}" if name else ""
+        raise InputError(f"{spec!r} is not a device{where}; valid: {DEVICE_CHOICES}")
     return spec
 
 
