@@ -6,6 +6,10 @@ idode eval     --checkpoint CKPT [--dequantization ...] [--num-samples K] [--out
 idode sample   --checkpoint CKPT -n 64 [--out PREFIX]
 idode demo     [--out DIR]
 idode ablate   --preset digits [--quick] --out DIR
+
+Exit status: 0 done; 2 a user error, told in one line ``idode: error: <problem>: <fix>``; 130
+interrupted; 141 the reader of stdout went away (``| head``). A traceback means a bug (or
+IDODE_DEBUG=1, which shows one for every error).
 """
 
 from __future__ import annotations
