@@ -7,16 +7,24 @@ idode sample   --checkpoint CKPT -n 64 [--out PREFIX]
 idode demo     [--out DIR]
 idode ablate   --preset digits [--quick] --out DIR [--docs DIR]
 idode ablate   --render RESULTS_JSON [--docs DIR]
+
+Exit status: 0 done; 2 a user error, told in one line ``idode: error: <problem>: <fix>``; 130
+interrupted; 141 the reader of stdout went away (``| head``). A traceback means a bug (or
+IDODE_DEBUG=1, which shows one for every error).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "user_error_message"]
 
 
 def _load_config(spec: str, overrides: list[str] | None):
@@ -169,12 +177,97 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors in one line: ``idode: error: <problem>. See '<prog> --help'``."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"idode: error: {message}. See '{self.prog} --help'.\n")
+
+
+def _arg_type(name: str, check: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type=`` that runs ``check`` and reports its InputError as a usage error."""
+
+    def parse(text: str) -> Any:
+        try:
+            return check(text)
+        except ValueError as e:  # InputError included
+            raise argparse.ArgumentTypeError(str(e)) from None
+
+    parse.__name__ = name
+    return parse
+
+
+def _positive(text: str, integer: bool) -> int | float:
+    from idode.validation import InputError, check_positive
+
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        raise InputError(f"{text!r} is not {'an integer' if integer else 'a number'}") from None
+    try:
+        return check_positive("value", value, integer=integer)
+    except InputError:
+        raise InputError(
+            f"must be a positive {'integer' if integer else 'number'}, got {text}"
+        ) from None
+
+
+def _non_negative(text: str) -> float:
+    from idode.validation import InputError
+
+    value = _arg_float(text)
+    if not value >= 0 or value == float("inf"):
+        raise InputError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _arg_float(text: str) -> float:
+    from idode.validation import InputError
+
+    try:
+        return float(text)
+    except ValueError:
+        raise InputError(f"{text!r} is not a number") from None
+
+
+def _out_path(text: str, folder: bool) -> str:
+    """An output folder (or file prefix) whose nearest existing ancestor is a folder."""
+    from idode.validation import InputError
+
+    path = Path(text).expanduser()
+    if folder and path.exists() and not path.is_dir():
+        raise InputError(f"{text!r} is an existing file; --out names a folder: choose another path")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise InputError(
+                    f"{parent} in {text!r} is a file, not a folder: choose another path"
+                )
+            break
+    return text
+
+
+def _device(text: str) -> str:
+    from idode.validation import check_device
+
+    return check_device(text, name="")
+
+
+DEVICE_HELP = "auto (default), cpu, cuda or cuda:N"
+POSITIVE_INT = _arg_type("positive_int", lambda t: _positive(t, True))
+POSITIVE_FLOAT = _arg_type("positive_float", lambda t: _positive(t, False))
+NON_NEGATIVE_FLOAT = _arg_type("non_negative_float", _non_negative)
+OUT_DIR = _arg_type("out_dir", lambda t: _out_path(t, True))
+OUT_PREFIX = _arg_type("out_prefix", lambda t: _out_path(t, False))
+DEVICE = _arg_type("device", _device)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from idode.config import PRESETS
     from idode.dequantization import DEQUANTIZATIONS
     from idode.likelihood import DIVERGENCES
 
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="idode",
         description="Maximum-likelihood diffusion ODEs (i-DODE): train, finetune, evaluate "
         "exact bits/dim, sample.",
@@ -189,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.steps=1000"
     )
-    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--out", required=True, type=OUT_DIR, help="run directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     common(t)
@@ -197,9 +290,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("finetune", help="second-order flow-matching finetuning of a checkpoint")
     f.add_argument("--from", dest="source", required=True, help="checkpoint or run directory")
-    f.add_argument("--out", required=True, help="run directory of the finetuned model")
-    f.add_argument("--steps", type=int, default=1000, help="extra optimizer steps (default 1000)")
-    f.add_argument("--weight", type=float, default=0.1, help="lambda_2 (default 0.1)")
+    f.add_argument(
+        "--out", required=True, type=OUT_DIR, help="run directory of the finetuned model"
+    )
+    f.add_argument(
+        "--steps", type=POSITIVE_INT, default=1000, help="extra optimizer steps (default 1000)"
+    )
+    f.add_argument("--weight", type=NON_NEGATIVE_FLOAT, default=0.1, help="lambda_2 (default 0.1)")
     f.add_argument("--set", action="append", metavar="KEY=VALUE")
     f.add_argument("--resume", action="store_true", help="continue an interrupted finetuning")
     f.add_argument("--dry-run", action="store_true")
@@ -214,10 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(the presets carry the official protocols); each flag given overrides it.",
     )
     e.add_argument("--checkpoint", required=True)
-    e.add_argument("--out", help="output directory (default: RUN/evals/step_N_SPLIT_DEQ...)")
+    e.add_argument(
+        "--out", type=OUT_DIR, help="output directory (default: RUN/evals/step_N_SPLIT_DEQ...)"
+    )
     e.add_argument("--split", default="test", choices=["train", "test"])
     e.add_argument("--dequantization", choices=list(DEQUANTIZATIONS), help="default: checkpoint")
-    e.add_argument("--num-samples", type=int, help="K dequantization draws (default: checkpoint)")
+    e.add_argument("--num-samples", type=POSITIVE_INT, help="K draws (default: checkpoint)")
     e.add_argument(
         "--importance-weighted",
         action=argparse.BooleanOptionalAction,
@@ -225,34 +324,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="report the IW bound with -log K (default: checkpoint)",
     )
     e.add_argument("--divergence", choices=list(DIVERGENCES), help="default: checkpoint")
-    e.add_argument("--rtol", type=float, help="ODE relative tolerance (default: checkpoint)")
-    e.add_argument("--atol", type=float, help="ODE absolute tolerance (default: checkpoint)")
-    e.add_argument("--batch-size", type=int, help="images per solve (default: checkpoint)")
+    e.add_argument(
+        "--rtol", type=POSITIVE_FLOAT, help="ODE relative tolerance (default: checkpoint)"
+    )
+    e.add_argument(
+        "--atol", type=POSITIVE_FLOAT, help="ODE absolute tolerance (default: checkpoint)"
+    )
+    e.add_argument("--batch-size", type=POSITIVE_INT, help="images per solve (default: checkpoint)")
     e.add_argument("--seed", type=int, help="noise and probe seed (default: checkpoint)")
-    e.add_argument("--max-examples", type=int, default=None)
+    e.add_argument("--max-examples", type=POSITIVE_INT, default=None)
     e.add_argument("--data-root", default=None, help="override the dataset directory")
     e.add_argument("--no-elbo", action="store_true", help="skip the SDE bound")
     e.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA")
-    e.add_argument("--device", default="auto")
+    e.add_argument("--device", type=DEVICE, default="auto", help=DEVICE_HELP)
     e.add_argument("--overwrite", action="store_true", help="discard earlier partial results")
     common(e)
     e.set_defaults(fn=cmd_eval)
 
     s = sub.add_parser("sample", help="ODE samples as a PNG grid and an .npz of integers")
     s.add_argument("--checkpoint", required=True)
-    s.add_argument("-n", type=int, default=64, help="number of samples")
-    s.add_argument("--out", help="output prefix (default: RUN/samples/step_N)")
+    s.add_argument("-n", type=POSITIVE_INT, default=64, help="number of samples")
+    s.add_argument("--out", type=OUT_PREFIX, help="output prefix (default: RUN/samples/step_N)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--rtol", type=float, default=1e-5)
-    s.add_argument("--atol", type=float, default=1e-5)
-    s.add_argument("--batch-size", type=int, default=64)
-    s.add_argument("--device", default="auto")
+    s.add_argument("--rtol", type=POSITIVE_FLOAT, default=1e-5)
+    s.add_argument("--atol", type=POSITIVE_FLOAT, default=1e-5)
+    s.add_argument("--batch-size", type=POSITIVE_INT, default=64)
+    s.add_argument("--device", type=DEVICE, default="auto", help=DEVICE_HELP)
     common(s)
     s.set_defaults(fn=cmd_sample)
 
     d = sub.add_parser("demo", help="train + evaluate on scikit-learn digits, write report.md")
-    d.add_argument("--out", default="runs/demo", help="run directory (default runs/demo)")
-    d.add_argument("--steps", type=int, default=None, help="training steps (default: preset)")
+    d.add_argument(
+        "--out", type=OUT_DIR, default="runs/demo", help="run directory (default runs/demo)"
+    )
+    d.add_argument(
+        "--steps", type=POSITIVE_INT, default=None, help="training steps (default: preset)"
+    )
     d.add_argument("--quick", action="store_true", help="a ~1 minute smoke version")
     common(d)
     d.set_defaults(fn=cmd_demo)
@@ -262,10 +369,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="the paper's ablations at small scale, with a report (or --render one again)",
     )
     a.add_argument("--preset", default="digits", choices=["digits", "mnist"])
-    a.add_argument("--out", help="output folder of the run (required unless --render)")
-    a.add_argument("--steps", type=int, default=None, help="base training steps of every run")
+    a.add_argument(
+        "--out", type=OUT_DIR, help="output folder of the run (required unless --render)"
+    )
+    a.add_argument(
+        "--steps", type=POSITIVE_INT, default=None, help="base training steps of every run"
+    )
     a.add_argument("--quick", action="store_true", help="a < 5 minute smoke version")
-    a.add_argument("--workers", type=int, default=None, help="processes (default min(2, cpus))")
+    a.add_argument(
+        "--workers", type=POSITIVE_INT, default=None, help="processes (default min(2, cpus))"
+    )
     a.add_argument(
         "--render", metavar="RESULTS_JSON", help="only re-render figures and report from this file"
     )
@@ -277,16 +390,76 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def user_error_message(e: BaseException, out: str | None = None) -> str | None:
+    """The one-line message for a known user error, or None for a bug (which shows a traceback).
+
+    ``out`` is the command's output path, named when a full disk gives no file name.
+    """
     from idode.checkpoint import CheckpointError
     from idode.config import ConfigError
     from idode.train import TrainingDiverged
+    from idode.validation import InputError
 
-    args = build_parser().parse_args(argv)
+    full = isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)
+    if full or (isinstance(e, RuntimeError) and "No space left on device" in str(e)):
+        name = getattr(e, "filename", None)  # None for a write to an open file or to stdout
+        where = name or (f"{out} or the standard output" if out else "the output")
+        return f"no space left on the device writing {where}: free space and rerun"
+    if isinstance(e, PermissionError):
+        return f"permission denied: {e.filename or e}; choose a path you may write to"
+    if isinstance(e, FileNotFoundError) and e.filename is not None:
+        return f"{e.filename} not found: check the path"
+    if isinstance(
+        e, ConfigError | InputError | CheckpointError | TrainingDiverged | FileNotFoundError
+    ):
+        return " ".join(str(e).split())  # one line
+    return None
+
+
+def _flush_stdout() -> None:
     try:
-        return int(args.fn(args) or 0)
-    except (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError) as e:
-        print(f"idode {args.command}: error: {e}", file=sys.stderr)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        e.filename = e.filename or "the standard output"
+        raise
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):  # not a real file (e.g. captured by a test)
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one ``idode`` command; exit status 0, or 2 with one line for a user error.
+
+    A traceback is shown only for a bug, or for every error when IDODE_DEBUG=1.
+    """
+    args = None
+    try:
+        args = build_parser().parse_args(argv)
+        code = int(args.fn(args) or 0)
+        _flush_stdout()  # a closed pipe (``| head``) fails here, inside the handler
+        return code
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 141  # 128 + SIGPIPE, what a reader closing the pipe means for any Unix tool
+    except KeyboardInterrupt:
+        print("idode: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        message = user_error_message(e, getattr(args, "out", None))
+        if message is None or os.environ.get("IDODE_DEBUG", "") not in ("", "0"):
+            raise
+        try:
+            print(f"idode: error: {message}", file=sys.stderr)
+        except BrokenPipeError:
+            pass
         return 2
 
 

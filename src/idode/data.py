@@ -1,4 +1,4 @@
-"""Datasets as integer images, the cifar10_aug augmentation, and a resumable in-memory loader.
+"""Datasets as integer images (the loader and the augmentation are in ``idode.loader``).
 
 Every dataset is held as integer grey levels k in {0, ..., L-1}, channel-first [N, C, H, W] (numpy
 uint8, or int32 when L > 256), together with L = ``num_levels``. Nothing here scales to [-1, 1]:
@@ -35,7 +35,6 @@ import struct
 import warnings
 import zipfile
 import zlib
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -44,7 +43,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from idode.dequantization import check_integer_data
+from idode.validation import DatasetError, InputError, check_choice, check_integer_data
 
 if TYPE_CHECKING:
     from idode.config import DataConfig
@@ -134,12 +133,10 @@ def load_dataset(
     ``version`` applies to imagenet32 only. ``max_examples`` keeps the first n images in file
     order (for imagenet32 it reads only the batches needed); use ``subset`` for a random one.
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; valid: {', '.join(map(repr, DATASETS))}")
-    if split not in _SPLITS:
-        raise ValueError(f"unknown split {split!r}; valid: 'train', 'test'")
+    check_choice("dataset", name, DATASETS, error=InputError)
+    check_choice("split", split, _SPLITS, error=InputError)
     if max_examples is not None and max_examples < 1:
-        raise ValueError(f"max_examples must be a positive integer or None, got {max_examples!r}")
+        raise InputError(f"max_examples must be a positive integer or None, got {max_examples!r}")
     root_path = None if root is None else Path(root).expanduser()
     if name == "digits":
         ds = _load_digits(split)
@@ -148,14 +145,13 @@ def load_dataset(
     elif name == "cifar10":
         ds = _load_cifar10(split, root_path)
     elif name == "imagenet32":
-        if version not in _VERSIONS:
-            raise ValueError(f"unknown ImageNet32 version {version!r}; valid: 'new', 'old'")
+        check_choice("ImageNet32 version", version, _VERSIONS, error=InputError)
         ds = _load_imagenet32(split, root_path, version, max_examples)
     else:
         if path is None and root_path is not None and root_path.suffix == ".npz":
             path = root_path
         if path is None:
-            raise ValueError("dataset 'npz' needs path=FILE.npz (--set data.path=FILE.npz)")
+            raise InputError("dataset 'npz' needs path=FILE.npz (--set data.path=FILE.npz)")
         ds = _load_npz(split, Path(path).expanduser())
     if max_examples is not None and len(ds) > max_examples:
         info = {**ds.info, "max_examples": max_examples}
@@ -281,20 +277,20 @@ def _read_idx_images(path: Path) -> np.ndarray:
         with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
             raw = f.read()
     except (EOFError, OSError, zlib.error) as e:  # truncated gzip: EOFError; bad gzip: OSError
-        raise ValueError(f"MNIST file {path} is corrupt or truncated: {e}") from e
+        raise DatasetError(f"MNIST file {path} is corrupt or truncated: {e}") from e
     if len(raw) < 16:
-        raise ValueError(
+        raise DatasetError(
             f"MNIST file {path} is truncated: {len(raw)} bytes, shorter than the header"
         )
     magic, n, rows, cols = struct.unpack(">iiii", raw[:16])
     if magic != 2051:
-        raise ValueError(
+        raise DatasetError(
             f"MNIST file {path} is not an IDX image file: magic number {magic}, expected 2051 "
             f"(unsigned bytes, 3 dimensions){'; this is a label file' if magic == 2049 else ''}"
         )
     expected = 16 + n * rows * cols
     if n <= 0 or rows <= 0 or cols <= 0 or len(raw) != expected:
-        raise ValueError(
+        raise DatasetError(
             f"MNIST file {path} is truncated or corrupt: its header says {n} images of "
             f"{rows}x{cols} ({expected} bytes), the file has {len(raw)} bytes"
         )
@@ -322,13 +318,20 @@ def _load_cifar10(split: str, root: Path | None) -> ImageDataset:
         )
     parts = []
     for n in names:
-        with open(d / n, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")  # the official python-2 pickles: bytes keys
+        try:
+            with open(d / n, "rb") as f:
+                batch = pickle.load(f, encoding="bytes")  # the official python-2 pickles
+        except Exception as e:  # a damaged pickle can fail in many ways; all mean the same here
+            msg = f"{d / n} is not a CIFAR-10 python batch ({type(e).__name__}: {e}); "
+            raise DatasetError(msg + hint.format(d=d)) from e
         data = batch.get(b"data") if isinstance(batch, dict) else None
         if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
-            raise ValueError(f"{d / n} is not a CIFAR-10 python batch (no uint8 b'data' [n, 3072])")
+            raise DatasetError(
+                f"{d / n} is not a CIFAR-10 python batch (no uint8 b'data' [n, 3072]); "
+                + hint.format(d=d)
+            )
         if data.shape[1] != 3 * 32 * 32:
-            raise ValueError(f"{d / n}: b'data' has shape {data.shape}, expected [n, 3072]")
+            raise DatasetError(f"{d / n}: b'data' has shape {data.shape}, expected [n, 3072]")
         parts.append(data.reshape(-1, 3, 32, 32))  # rows are R(1024) G(1024) B(1024), row-major
     info = {"files": [str(d / n) for n in names], "dir": str(d)}
     return ImageDataset(np.concatenate(parts), 256, "cifar10", split, info)
@@ -400,11 +403,11 @@ def _load_imagenet32(
         try:
             shape, dtype = _npz_header(d / n, "data")
         except (KeyError, zipfile.BadZipFile, ValueError) as e:
-            raise ValueError(
+            raise DatasetError(
                 f"{d / n} is not an ImageNet32 npz batch with a 'data' array: {e}"
             ) from e
         if dtype != np.uint8 or len(shape) != 2 or shape[1] != 3 * 32 * 32:
-            raise ValueError(f"{d / n}: 'data' is {dtype} {shape}, expected uint8 [n, 3072]")
+            raise DatasetError(f"{d / n}: 'data' is {dtype} {shape}, expected uint8 [n, 3072]")
         sizes.append(shape[0])
         if max_examples is not None and sum(sizes) >= max_examples:
             break
@@ -421,6 +424,7 @@ def _load_imagenet32(
 
 
 _NPZ_KEYS = {"train": ("train", "x_train", "images"), "test": ("test", "x_test", "images")}
+_NPZ_SAVE = "np.savez(FILE, train=x_train, test=x_test) with uint8 arrays [N, H, W] or [N, C, H, W]"
 
 
 def _load_npz(split: str, path: Path) -> ImageDataset:
@@ -433,28 +437,62 @@ def _load_npz(split: str, path: Path) -> ImageDataset:
     "num_levels" entry if present, else 256. Values must be integers in [0, num_levels).
     """
     if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "not found"
         raise FileNotFoundError(
-            f"npz dataset not found: {path} (expected a .npz with key 'train'/'x_train'/'images' "
-            f"and 'test'/'x_test'/'images' holding uint8 images). {_ROOT_HINT}"
+            f"npz dataset {path} {what}: data.path must name an existing .npz file, written with "
+            f"{_NPZ_SAVE} (train: --set data.path=FILE.npz)"
         )
-    with np.load(path, allow_pickle=False) as z:
-        key = next((k for k in _NPZ_KEYS[split] if k in z.files), None)
-        if key is None:
-            raise KeyError(
-                f"{path} has no {split} images: expected one of the keys "
-                f"{', '.join(map(repr, _NPZ_KEYS[split]))}, found {z.files}"
-            )
-        x = z[key]
-        num_levels = 256
-        if "num_levels" in z.files:
-            nl = z["num_levels"]
-            if nl.ndim != 0 or not np.issubdtype(nl.dtype, np.integer):
-                raise ValueError(f"{path}: 'num_levels' must be a scalar integer, got {nl!r}")
-            num_levels = int(nl)
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            npy = f.read(6) == b"\x93NUMPY"
+        what = "a single .npy array" if npy else "not a zip archive"
+        raise DatasetError(f"{path} is {what}, so not an .npz file: write it with {_NPZ_SAVE}")
+    key = reading = None  # the split's key; the entry being read (named if numpy refuses it)
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            key = next((k for k in _NPZ_KEYS[split] if k in z.files), None)
+            if key is None:
+                raise DatasetError(
+                    f"{path} has no {split} images: it holds the keys {z.files or '(none)'}, "
+                    f"accepted are {', '.join(map(repr, _NPZ_KEYS[split]))}; write it with "
+                    f"{_NPZ_SAVE}"
+                )
+            reading = key
+            x = z[key]
+            num_levels = 256
+            if "num_levels" in z.files:
+                reading = "num_levels"
+                num_levels = _npz_num_levels(z["num_levels"], path)
+    except DatasetError:
+        raise
+    except ValueError as e:  # numpy refuses pickled (object) arrays when allow_pickle=False
+        if reading is None or "allow_pickle" not in str(e):
+            raise DatasetError(f"{path} is not a readable .npz ({e}); write it again") from e
+        raise DatasetError(
+            f"{path}['{reading}'] holds Python objects (dtype=object), which are not read for "
+            f"safety; store a plain integer array, e.g. np.asarray(images, dtype=np.uint8)"
+        ) from e
+    except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
+        raise DatasetError(f"{path} is corrupt or truncated ({e}); write it again") from e
+    return _npz_images(x, num_levels, key, path, split)
+
+
+def _npz_num_levels(nl: np.ndarray, path: Path) -> int:
+    if nl.ndim != 0 or not np.issubdtype(nl.dtype, np.integer) or int(nl) < 2:
+        raise DatasetError(
+            f"{path}['num_levels'] must be a scalar integer >= 2 (e.g. np.int64(256)), got {nl!r}"
+        )
+    return int(nl)
+
+
+def _npz_images(x: np.ndarray, num_levels: int, key: str, path: Path, split: str) -> ImageDataset:
+    """Check and lay out one split's array from an npz (see ``_load_npz``)."""
+    name = f"{path}['{key}']"
     if not np.issubdtype(x.dtype, np.integer):
-        raise TypeError(
-            f"{path}['{key}'] has dtype {x.dtype}; it must hold integer grey levels (e.g. uint8 "
-            f"0..255), not images scaled to floats: convert with np.round(x * 255).astype(np.uint8)"
+        fix = f"convert with np.round(x * {num_levels - 1}).astype(np.uint8) if it holds [0, 1]"
+        raise DatasetError(
+            f"{name} has dtype {x.dtype}; it must hold integer grey levels (uint8 0..255), not "
+            f"{'booleans' if x.dtype == np.bool_ else 'scaled values'}: {fix}"
         )
     if x.ndim == 3:
         layout, x = "NHW", x[:, None]
@@ -463,190 +501,27 @@ def _load_npz(split: str, path: Path) -> ImageDataset:
     elif x.ndim == 4:
         layout = "NCHW"
     else:
-        raise ValueError(
-            f"{path}['{key}'] has shape {x.shape}; expected [N,H,W], [N,C,H,W] or [N,H,W,C]"
+        raise DatasetError(
+            f"{name} has shape {x.shape} ({x.ndim} dimensions); images must be [N, H, W], "
+            f"[N, C, H, W] or [N, H, W, C]: reshape, e.g. x.reshape(N, H, W) for flat rows"
         )
+    if x.size == 0:
+        raise DatasetError(f"{name} is empty (shape {x.shape}); store at least one image")
     lo, hi = int(x.min()), int(x.max())
-    if lo < 0 or hi >= num_levels:
-        raise ValueError(
-            f"{path}['{key}'] has values in [{lo}, {hi}], outside [0, {num_levels - 1}] "
-            f"(num_levels={num_levels}; store a 'num_levels' entry if it is not 256)"
+    if lo < 0:
+        raise DatasetError(
+            f"{name} has negative values (min {lo}); grey levels run from 0 to num_levels - 1: "
+            f"shift them, e.g. x - x.min()"
+        )
+    if hi >= num_levels:
+        raise DatasetError(
+            f"{name} has values up to {hi} but num_levels={num_levels} allows 0..{num_levels - 1}; "
+            f"store the number of levels in the file: np.savez(..., num_levels={hi + 1})"
         )
     x = np.ascontiguousarray(x, dtype=np.uint8 if num_levels <= 256 else np.int32)
     info = {"path": str(path), "key": key, "layout": layout}
     return ImageDataset(x, num_levels, "npz", split, info)
 
 
-# --------------------------------------------------------------------------------------------------
-# Torch side: augmentation and the loader
-# --------------------------------------------------------------------------------------------------
-
-
-def augment_batch(x_int: Tensor, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-    """The cifar10_aug augmentation (method.md §8.3), independently per image.
-
-    Horizontal flip with p = 1/2 and, independently with p = 1/2, rot90 by k uniform in {1, 2, 3}
-    (the code's k = ceil(3u)) over (H, W). x_int: [B, C, H, W] integers (H = W); returns the
-    augmented batch (same dtype) and conditioning [B] float32: 1.0 where an augmentation was
-    applied, else 0.0. The random draws come from ``generator`` (on its device).
-    """
-    if x_int.ndim != 4 or x_int.shape[-1] != x_int.shape[-2]:
-        raise ValueError(
-            f"augment_batch needs square images [B, C, H, H], got {tuple(x_int.shape)}"
-        )
-    b = x_int.shape[0]
-    dev = generator.device if generator is not None else x_int.device
-    flip, rot = (torch.rand(2, b, generator=generator, device=dev) < 0.5).to(x_int.device)
-    k = torch.randint(1, 4, (b,), generator=generator, device=dev).to(x_int.device)
-    flipped = torch.where(flip[:, None, None, None], x_int.flip(-1), x_int)
-    out = flipped.clone()
-    for r in (1, 2, 3):
-        sel = rot & (k == r)
-        out[sel] = torch.rot90(flipped[sel], r, dims=(-2, -1))
-    return out, (flip | rot).to(torch.float32)
-
-
-class ImageLoader:
-    """Batches of integer images [B, C, H, W] from an in-memory dataset; resumable.
-
-    Epoch e uses the permutation ``torch.randperm(N, generator=seed + e)`` (or 0..N-1 without
-    shuffling). Rank r of W takes every W-th index from r. With ``drop_last`` the permutation is
-    first cut to a multiple of W and each rank keeps only full batches, so all ranks take the
-    same number of steps (training under DDP); without it the ranks cover every example exactly
-    once (evaluation), their counts differing by at most one. Iterating runs from the saved
-    (epoch, position) to the end of the epoch, then advances the epoch; ``infinite`` goes on
-    forever. ``state_dict()`` after consuming a batch resumes at the next one. Use one iterator at
-    a time.
-    """
-
-    def __init__(
-        self,
-        images: Tensor,
-        batch_size: int,
-        *,
-        shuffle: bool,
-        seed: int,
-        drop_last: bool,
-        rank: int = 0,
-        world_size: int = 1,
-        infinite: bool = False,
-    ) -> None:
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(
-                f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}"
-            )
-        self.images = images
-        self.batch_size = batch_size
-        self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
-        self.rank, self.world_size, self.infinite = rank, world_size, infinite
-        self._epoch, self._position = 0, 0
-        self._cache: tuple[int, Tensor] | None = None
-        if self.num_batches == 0:
-            raise ValueError(
-                f"{len(images)} examples give no batch of {batch_size} per rank on {world_size} "
-                f"rank(s) with drop_last={drop_last}"
-            )
-
-    @property
-    def num_examples(self) -> int:
-        """Examples this rank sees per epoch (before dropping a last partial batch)."""
-        n, w = len(self.images), self.world_size
-        return n // w if self.drop_last else len(range(self.rank, n, w))
-
-    @property
-    def num_batches(self) -> int:
-        """Batches per epoch on this rank."""
-        div = self.num_examples // self.batch_size
-        return div if self.drop_last else -(-self.num_examples // self.batch_size)
-
-    def __len__(self) -> int:
-        return self.num_batches
-
-    @property
-    def epoch(self) -> int:
-        return self.state_dict()["epoch"]
-
-    def set_epoch(self, epoch: int) -> None:
-        """Start the next iteration at the beginning of ``epoch``."""
-        self._epoch, self._position = int(epoch), 0
-
-    def _indices(self, epoch: int) -> Tensor:
-        # this rank's indices for an epoch, cached since an epoch is asked for once per batch
-        if self._cache is None or self._cache[0] != epoch:
-            n = len(self.images)
-            if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed + epoch)
-                perm = torch.randperm(n, generator=g)
-            else:
-                perm = torch.arange(n)
-            if self.drop_last:
-                perm = perm[: n - n % self.world_size]
-            self._cache = (epoch, perm[self.rank :: self.world_size])
-        return self._cache[1]
-
-    def _normalize(self) -> None:
-        if self._position >= self.num_batches:
-            self._epoch, self._position = self._epoch + 1, 0
-
-    def __iter__(self) -> Iterator[Tensor]:
-        self._normalize()
-        while True:
-            idx, bs = self._indices(self._epoch), self.batch_size
-            while self._position < self.num_batches:
-                batch = self.images[idx[self._position * bs : (self._position + 1) * bs]]
-                self._position += 1
-                yield batch
-            self._epoch, self._position = self._epoch + 1, 0
-            if not self.infinite:
-                return
-
-    def state_dict(self) -> dict[str, Any]:
-        """(epoch, position) of the next batch, plus the settings a resume must match."""
-        epoch, position = self._epoch, self._position
-        if position >= self.num_batches:
-            epoch, position = epoch + 1, 0
-        return {
-            "epoch": epoch,
-            "position": position,
-            "seed": self.seed,
-            "shuffle": self.shuffle,
-            "drop_last": self.drop_last,
-            "batch_size": self.batch_size,
-            "world_size": self.world_size,
-            "num_dataset_examples": len(self.images),
-        }
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Resume where ``state`` was taken; the settings must match (else a resume would drift)."""
-        mine = self.state_dict()
-        diff = [k for k in mine if k not in ("epoch", "position") and state.get(k) != mine[k]]
-        if diff:
-            pairs = ", ".join(f"{k}: saved {state.get(k)!r} vs now {mine[k]!r}" for k in diff)
-            raise ValueError(f"loader state does not match this loader ({pairs})")
-        self._epoch, self._position = int(state["epoch"]), int(state["position"])
-
-
-def make_loader(
-    dataset: ImageDataset,
-    batch_size: int,
-    *,
-    shuffle: bool,
-    seed: int,
-    drop_last: bool,
-    rank: int = 0,
-    world_size: int = 1,
-    infinite: bool = False,
-) -> ImageLoader:
-    """An ``ImageLoader`` over the dataset's integer images (CPU tensors, uint8 or int32)."""
-    return ImageLoader(
-        dataset.as_tensor(),
-        batch_size,
-        shuffle=shuffle,
-        seed=seed,
-        drop_last=drop_last,
-        rank=rank,
-        world_size=world_size,
-        infinite=infinite,
-    )
+# the loader moved to idode.loader; importing it from here keeps working
+from idode.loader import ImageLoader, augment_batch, make_loader  # noqa: E402

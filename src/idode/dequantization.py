@@ -16,6 +16,12 @@ from torch import Tensor
 from idode import rng
 from idode.rng import Generators
 from idode.schedules import Schedule
+from idode.validation import (
+    check_integer_data,
+    check_level_range,
+    check_num_levels,
+    is_integer_dtype,
+)
 
 __all__ = [
     "DEQUANTIZATIONS",
@@ -32,33 +38,20 @@ __all__ = [
 ]
 
 
-def check_integer_data(x_int: Tensor, num_levels: int, name: str = "x_int") -> None:
-    """Raise one clear error unless x_int is an integer tensor with values in [0, num_levels)."""
-    if not isinstance(x_int, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of integers, got {type(x_int).__name__}")
-    if not isinstance(num_levels, int) or num_levels < 2:
-        raise ValueError(f"num_levels must be an integer >= 2, got {num_levels!r}")
-    if x_int.dtype.is_floating_point or x_int.dtype.is_complex or x_int.dtype == torch.bool:
-        raise TypeError(
-            f"{name} must hold integer grey levels (e.g. torch.uint8 or torch.int64), got "
-            f"{x_int.dtype}; pass the raw integer image, not data scaled to [-1, 1] "
-            f"(use x_int.round().long() if it holds integral floats)"
-        )
-    if x_int.ndim < 2:
-        raise ValueError(f"{name} must be batched, shape [B, ...], got shape {tuple(x_int.shape)}")
-    if x_int.numel() == 0:
-        raise ValueError(f"{name} is empty (shape {tuple(x_int.shape)})")
-    lo, hi = int(x_int.min()), int(x_int.max())
-    if lo < 0 or hi >= num_levels:
-        raise ValueError(
-            f"{name} has values in [{lo}, {hi}] but num_levels={num_levels} allows "
-            f"[0, {num_levels - 1}]; pass the right num_levels (256 for 8-bit images, 17 for "
-            f"scikit-learn digits)"
-        )
+def bin_centers(
+    x_int: Tensor, num_levels: int, dtype: torch.dtype = torch.float32, *, validate: bool = True
+) -> Tensor:
+    """c(k) = (2k + 1)/L - 1: integer grey levels [B, ...] to bin centres in [-1, 1] (§0).
 
-
-def bin_centers(x_int: Tensor, num_levels: int, dtype: torch.dtype = torch.float32) -> Tensor:
-    """c(k) = (2k + 1)/L - 1: integer grey levels to bin centres in [-1, 1] (method.md §0)."""
+    x_int must be an integer tensor with values in [0, num_levels); floats are refused with a hint
+    (data in [0, 1]: multiply by L - 1 and round). ``validate=False`` skips the range check (one
+    reduction and, on a GPU, one synchronisation) for data already checked, e.g. at load time.
+    """
+    if not isinstance(x_int, Tensor) or not is_integer_dtype(x_int.dtype):
+        check_integer_data(x_int, num_levels)  # raises the TypeError with what to pass instead
+    check_num_levels(num_levels)
+    if validate:
+        check_level_range(x_int, num_levels)
     return (2.0 * x_int.to(dtype) + 1.0) / num_levels - 1.0
 
 
@@ -134,7 +127,8 @@ def decoder_log_prob(
     b = z.shape[0]
     y = (z.to(torch.float64) / schedule.alpha_min).reshape(-1)
     k = x_int.reshape(-1)
-    centers = bin_centers(torch.arange(num_levels, device=z.device), num_levels, torch.float64)
+    levels = torch.arange(num_levels, device=z.device)
+    centers = bin_centers(levels, num_levels, torch.float64, validate=False)
     prec = math.exp(-schedule.gamma_min)
     out = torch.empty_like(y)
     step = max(1, max_chunk // num_levels)
@@ -167,6 +161,7 @@ def dequantize(
         raise ValueError(
             f"unknown dequantization {kind!r}; valid: {', '.join(map(repr, DEQUANTIZATIONS))}"
         )
+    check_integer_data(x_int, num_levels)
     b, d = x_int.shape[0], x_int[0].numel()
     dev = x_int.device
     zeros = torch.zeros(b, dtype=torch.float64, device=dev)
@@ -180,7 +175,7 @@ def dequantize(
     g0 = torch.tensor(schedule.gamma_min, dtype=torch.float64)
     alpha_min, log_sigma_min = schedule.alpha_min, float(schedule.log_sigma(g0))
     sigma_min = math.exp(log_sigma_min)
-    centers = bin_centers(x_int, num_levels, torch.float64)
+    centers = bin_centers(x_int, num_levels, torch.float64, validate=False)  # checked above
     if kind == "variational":
         # z_0 = alpha_min c(k) + sigma_min eps, eps ~ N(0, I), plus the discrete decoder (§7.2)
         eps = rng.randn(x_int.shape, generator, device=dev, dtype=torch.float64)

@@ -20,9 +20,10 @@ from torch import Tensor
 
 from idode import rng
 from idode.divergence import PROBE_KINDS, ProbeKind, hutchinson_divergence, sample_probes
-from idode.parameterization import DiffusionODE, check_choice, expand
+from idode.parameterization import DiffusionODE, expand
 from idode.rng import Generators
 from idode.time_sampling import sample_gamma
+from idode.validation import check_choice, check_model_input  # re-exported from here too
 
 __all__ = ["LossTerms", "diffusion_loss", "diffusion_loss_terms", "weight_over_alpha2"]
 
@@ -47,25 +48,6 @@ def weight_over_alpha2(model: DiffusionODE, gamma: Tensor) -> Tensor:
     if model.parameterization == "x0":
         return 0.5 / s.sigma2(gamma)  # w = alpha^2 / (2 sigma^2)
     return 0.5 / s.alpha2(gamma)  # eps: w = 1/2
-
-
-def check_model_input(x: Tensor, name: str = "x", *, unit_range: bool = True) -> None:
-    """One clear error for non-float, empty, non-finite or (if ``unit_range``) out-of-range data."""
-    if not isinstance(x, Tensor) or not x.dtype.is_floating_point:
-        got = x.dtype if isinstance(x, Tensor) else type(x).__name__
-        raise TypeError(
-            f"{name} must be a floating-point tensor of data scaled to [-1, 1], got {got}; for "
-            f"integer images use idode.dequantization.bin_centers(x_int, num_levels)"
-        )
-    if x.ndim < 2 or x.shape[0] == 0:
-        raise ValueError(f"{name} must be a non-empty batch [B, ...], got {tuple(x.shape)}")
-    if not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} contains NaN or inf")
-    if unit_range and float(x.abs().max()) > 1.0 + 1e-6:
-        raise ValueError(
-            f"{name} must lie in [-1, 1], got max |x| = {float(x.abs().max()):.4g}; scale the data "
-            f"with idode.dequantization.bin_centers"
-        )
 
 
 def diffusion_loss_terms(

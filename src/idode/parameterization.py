@@ -22,19 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from idode.schedules import Schedule
+from idode.validation import check_choice  # re-exported: its home moved to validation
 
 __all__ = ["Parameterization", "PARAMETERIZATIONS", "DiffusionODE", "check_choice", "expand"]
 
 Parameterization = Literal["eps", "x0", "velocity"]
 PARAMETERIZATIONS: tuple[str, ...] = ("eps", "x0", "velocity")
 Net = Callable[[Tensor, Tensor], Tensor]
-
-
-def check_choice(name: str, value: object, valid: tuple[str, ...] | list[str]) -> str:
-    """Raise one clear error unless ``value`` is one of ``valid``."""
-    if value not in valid:
-        raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(map(repr, valid))}")
-    return value  # type: ignore[return-value]
 
 
 def expand(coef: Tensor | float, like: Tensor) -> Tensor | float:
