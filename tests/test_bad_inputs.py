@@ -191,7 +191,7 @@ ROWS: dict[str, Row] = {
     ),
     "config train.device=gpu": Row(
         "train --config digits_cpu --set train.device=gpu --out {tmp}/r --dry-run",
-        r"train.device='gpu' is not valid; use auto, cpu, cuda or cuda:N",
+        r"'gpu' is not a device for train.device",
     ),
     "resume, changed dataset": Row(
         "train --out {copy} --resume --set data.name=mnist --no-progress",

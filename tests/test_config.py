@@ -68,7 +68,7 @@ def test_overrides_are_typed():
         ("steps=3", "needs a section"),
         ("train.steps", "expects key=value"),
         ("train.steps=many", "expected int"),
-        ("model.schedule=cosine", "choose one of VP, SP"),
+        ("model.schedule=cosine", "unknown model.schedule 'cosine'; valid: 'VP', 'SP'"),
         ("train.precision=fp16", "not supported"),
         ("train.batch_size=10", None),  # fine alone
         ("model.parameterization=eps", None),
@@ -114,9 +114,9 @@ def test_inconsistent_config_is_refused():
         ("data.eval_examples=0", "data.eval_examples must be >= 1"),
         ("data.max_train_examples=0", "data.max_train_examples must be a positive integer"),
         ("eval.num_samples=0", "eval.num_samples must be >= 1"),
-        ("eval.dequantization=gaussian", "eval.dequantization='gaussian' is not valid; choose"),
-        ("eval.divergence=hutch", "eval.divergence='hutch' is not valid; choose one of exact"),
-        ("train.device=gpu", "train.device='gpu' is not valid; use auto, cpu, cuda or cuda:N"),
+        ("eval.dequantization=gaussian", "unknown eval.dequantization 'gaussian'; valid: 'trunc"),
+        ("eval.divergence=hutch", "unknown eval.divergence 'hutch'; valid: 'exact'"),
+        ("train.device=gpu", "'gpu' is not a device for train.device; valid: auto, cpu, cuda"),
     ],
 )
 def test_every_field_is_validated_up_front(override, message):

@@ -22,6 +22,7 @@ from idode.likelihood import Divergence
 from idode.nets import NetKind
 from idode.parameterization import Parameterization
 from idode.schedules import ScheduleName
+from idode.validation import InputError, check_choice, check_device
 
 __all__ = [
     "Config",
@@ -36,7 +37,7 @@ __all__ = [
 ]
 
 
-class ConfigError(ValueError):
+class ConfigError(InputError):
     """A bad config value, an unknown key or an unknown preset."""
 
 
@@ -186,16 +187,12 @@ def _check_section(section: str, obj: Any) -> None:
         key, value = f"{section}.{name}", getattr(obj, name)
         args = typing.get_args(hint)
         if typing.get_origin(hint) is Literal:
-            if value not in args:
-                hint_fp16 = (
-                    " (fp16 is not supported: the second-order term and the likelihood weights "
-                    "overflow in fp16)"
-                    if value == "fp16"
-                    else ""
-                )
+            if value == "fp16":
                 raise ConfigError(
-                    f"{key}={value!r} is not valid; choose one of {', '.join(args)}{hint_fp16}"
+                    f"{key}='fp16' is not supported: the second-order term and the likelihood "
+                    "weights overflow in fp16; use 'bf16' (GPU) or 'fp32'"
                 )
+            check_choice(key, value, args, error=ConfigError)
             continue
         allowed = args or (hint,)
         if value is None and type(None) in allowed:
@@ -230,9 +227,7 @@ def _check_combinations(cfg: Config) -> None:
         raise ConfigError(f"model.gamma_min={m.gamma_min} must be < model.gamma_max={m.gamma_max}")
     if cfg.data.name == "npz" and not cfg.data.path:
         raise ConfigError("data.name=npz needs data.path=FILE.npz")
-    dev = t.device
-    if dev not in ("auto", "cpu", "cuda") and not (dev.startswith("cuda:") and dev[5:].isdigit()):
-        raise ConfigError(f"train.device={dev!r} is not valid; use auto, cpu, cuda or cuda:N")
+    check_device(t.device, "train.device", error=ConfigError)
 
 
 # --------------------------------------------------------------------------------------------------

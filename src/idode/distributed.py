@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from idode.config import ConfigError
+from idode.validation import check_device
 
 __all__ = [
     "DistEnv",
@@ -69,8 +70,7 @@ def resolve_device(spec: str, env: DistEnv, key: str = "train.device") -> torch.
     """'auto' | 'cpu' | 'cuda' | 'cuda:N' -> a device (cuda means this rank's local GPU)."""
     if spec == "auto":
         spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec != "cpu" and not (spec == "cuda" or spec.startswith("cuda:")):
-        raise ConfigError(f"{key}={spec!r} is not a device; use auto, cpu, cuda or cuda:N")
+    check_device(spec, key, error=ConfigError)
     if spec.startswith("cuda"):
         if not torch.cuda.is_available():
             raise ConfigError(f"{key}={spec!r} but CUDA is not available; use cpu")

@@ -58,11 +58,11 @@ def check_positive(name: str, value: Any, *, integer: bool = False) -> Any:
     return value
 
 
-def check_device(spec: str, name: str = "device") -> str:
-    """Return ``spec`` if it reads auto, cpu, cuda or cuda:N (syntax only), else InputError."""
+def check_device(spec: str, name: str = "device", *, error: type[Exception] | None = None) -> str:
+    """Return ``spec`` if it reads auto, cpu, cuda or cuda:N (syntax only), else ``error``."""
     if not isinstance(spec, str) or not _DEVICE.fullmatch(spec):
         where = f" for {name}" if name else ""
-        raise InputError(f"{spec!r} is not a device{where}; valid: {DEVICE_CHOICES}")
+        raise (error or InputError)(f"{spec!r} is not a device{where}; valid: {DEVICE_CHOICES}")
     return spec
 
 
