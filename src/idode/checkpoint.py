@@ -60,9 +60,10 @@ def build_model(cfg: Config, data_shape: tuple[int, ...], num_levels: int = 256)
             dropout=m.dropout,
             with_fourier_features=m.fourier_features,
             fourier_freqs=(math.log2(levels / 4), math.log2(levels / 2)),
-            gamma_min=m.gamma_min,
-            gamma_max=m.gamma_max,
+            gamma_min=m.gamma_min if m.net_gamma_min is None else m.net_gamma_min,
+            gamma_max=m.gamma_max if m.net_gamma_max is None else m.net_gamma_max,
             checkpoint=m.checkpoint,
+            min_group_size=m.min_group_size,
         )
     else:
         net = make_net(
@@ -71,8 +72,8 @@ def build_model(cfg: Config, data_shape: tuple[int, ...], num_levels: int = 256)
             hidden=m.mlp_hidden,
             depth=m.mlp_depth,
             dropout=m.dropout,
-            gamma_min=m.gamma_min,
-            gamma_max=m.gamma_max,
+            gamma_min=m.gamma_min if m.net_gamma_min is None else m.net_gamma_min,
+            gamma_max=m.gamma_max if m.net_gamma_max is None else m.net_gamma_max,
         )
     schedule = make_schedule(m.schedule, m.gamma_min, m.gamma_max)
     return DiffusionODE(net, schedule, m.parameterization)

@@ -6,6 +6,7 @@ idode eval     --checkpoint CKPT [--dequantization ...] [--num-samples K] [--out
 idode sample   --checkpoint CKPT -n 64 [--out PREFIX]
 idode demo     [--out DIR]
 idode ablate   --preset digits [--quick] --out DIR
+idode convert  CKPT.flax --config PRESET [--set key=value ...] --out DIR
 """
 
 from __future__ import annotations
@@ -156,6 +157,15 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace) -> int:
+    from idode.convert import convert_checkpoint
+
+    cfg = _load_config(args.config, args.set)
+    out = convert_checkpoint(args.ckpt, args.out, cfg)
+    print(f"converted {args.ckpt} -> {out}  (idode eval --checkpoint {out})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from idode.config import PRESETS
 
@@ -244,18 +254,39 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--quick", action="store_true", help="a < 5 minute smoke version")
     common(a)
     a.set_defaults(fn=cmd_ablate)
+
+    c = sub.add_parser("convert", help="an official i-DODE / VDM Flax checkpoint -> idode run dir")
+    c.add_argument("ckpt", help="a clu ckpt-N.flax file, or a directory (its newest ckpt-*.flax)")
+    c.add_argument(
+        "--config",
+        required=True,
+        help=f"architecture and data preset ({', '.join(PRESETS)}) or JSON",
+    )
+    c.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="e.g. model.parameterization=eps"
+    )
+    c.add_argument("--out", required=True, help="the idode run directory to create")
+    c.set_defaults(fn=cmd_convert)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     from idode.checkpoint import CheckpointError
     from idode.config import ConfigError
+    from idode.convert import ConversionError, FlaxMsgpackError
     from idode.train import TrainingDiverged
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args) or 0)
-    except (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError) as e:
+    except (
+        ConfigError,
+        CheckpointError,
+        ConversionError,
+        FlaxMsgpackError,
+        TrainingDiverged,
+        FileNotFoundError,
+    ) as e:
         print(f"idode {args.command}: error: {e}", file=sys.stderr)
         return 2
 

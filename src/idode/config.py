@@ -64,6 +64,10 @@ class ModelConfig:
     gamma_min: float = -13.3  # gamma = log(sigma^2/alpha^2) at t = 0
     gamma_max: float = 5.0  # gamma at t = 1
     parameterization: str = "velocity"  # network predicts: velocity (i-DODE) | eps | x0
+    min_group_size: int = 4  # UNet GroupNorm: fewest channels per group (1: flax's 32 groups
+    #                          at every width, set by `idode convert` for official checkpoints)
+    net_gamma_min: float | None = None  # UNet's gamma input range when it differs from the
+    net_gamma_max: float | None = None  # schedule's (VDM: learned ends); None: gamma_min/max
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,16 @@ class Config:
             raise ConfigError("train.second_order_weight > 0 needs model.parameterization=velocity")
         if self.model.gamma_min >= self.model.gamma_max:
             raise ConfigError("model.gamma_min must be < model.gamma_max")
+        net_lo = (
+            self.model.gamma_min if self.model.net_gamma_min is None else self.model.net_gamma_min
+        )
+        net_hi = (
+            self.model.gamma_max if self.model.net_gamma_max is None else self.model.net_gamma_max
+        )
+        if net_lo >= net_hi:
+            raise ConfigError("model.net_gamma_min must be < model.net_gamma_max")
+        if self.model.min_group_size < 1:
+            raise ConfigError(f"model.min_group_size must be >= 1, got {self.model.min_group_size}")
         if self.eval.num_samples < 1 or self.eval.batch_size < 1:
             raise ConfigError("eval.num_samples and eval.batch_size must be >= 1")
         if self.data.name == "npz" and not self.data.path:

@@ -327,7 +327,9 @@ def train(
         ck = load_checkpoint(source)
         ck.load_into(model, "model")
         ck.load_into(ema, "ema")
-        ck.load_optimizer(optimizer)
+        if resume or not ck.meta["extra"].get("converted_from"):
+            ck.load_optimizer(optimizer)
+        # else: a converted official checkpoint has no optimizer state: fresh AdamW moments
         step = ck.step
         if resume:
             saved_world = int(ck.meta["extra"].get("world_size", 1))
