@@ -156,7 +156,7 @@ def flatten_tree(tree: dict, prefix: str = "") -> dict[str, Any]:
 def _encode_array(arr: np.ndarray) -> bytes:
     import msgpack
 
-    arr = np.ascontiguousarray(arr)
+    arr = np.asarray(arr)  # not ascontiguousarray: it turns a 0-d array into shape (1,)
     if arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
     return msgpack.packb((arr.shape, arr.dtype.name, arr.tobytes("C")), use_bin_type=True)

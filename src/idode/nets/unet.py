@@ -280,9 +280,10 @@ class ScoreUNet(nn.Module):
         self.with_attention = with_attention
         self.with_fourier_features = with_fourier_features
         self.fourier_freqs = tuple(float(f) for f in fourier_freqs) if with_fourier_features else ()
-        # w_f = 2^f 2 pi (§8.1.3); a buffer follows .to(device / dtype), no host copy per call
+        # w_f = 2^f 2 pi (§8.1.3); a buffer follows .to(device), no host copy per call. Kept in
+        # float64 (cast to z's dtype in use), so a float64 network gets w_f unrounded too.
         w = torch.tensor([2.0**f * 2 * math.pi for f in self.fourier_freqs], dtype=torch.float64)
-        self.register_buffer("fourier_w", w.to(torch.get_default_dtype()), persistent=False)
+        self.register_buffer("fourier_w", w, persistent=False)
         self.gamma_min = float(gamma_min)
         self.gamma_max = float(gamma_max)
         self.checkpoint = checkpoint
