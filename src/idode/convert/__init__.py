@@ -9,6 +9,7 @@ writes a run directory that ``idode eval``, ``idode sample`` and ``idode finetun
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from idode.config import Config, get_preset
 from idode.convert.flax_msgpack import FlaxMsgpackError, flatten_tree, read_flax_msgpack
@@ -149,17 +151,25 @@ def convert_checkpoint(
     layout = official_layout(shape[0], m.n_embd, m.n_layers, m.with_attention, m.fourier_features)
     knobs = {"model.n_embd": m.n_embd, "model.n_layers": m.n_layers}
     knobs["model.with_attention"] = m.with_attention
-    models = {}
-    for slot, tree in trees.items():
-        flat = flatten_tree(tree["score_model"])
-        sd = official_to_state_dict(flat, layout, knobs, f"{slot}/score_model")
-        model = build_model(cfg, shape, num_levels)
+    step = int(np.asarray(state.pop("step", 0)))
+    state.clear()  # the trees are consumed one at a time below, freeing their arrays
+    models: dict[str, torch.nn.Module] = {}
+    for slot in ("ema_params", "params"):
+        if slot not in trees:
+            continue
+        flat = flatten_tree(trees.pop(slot)["score_model"])
+        sd = official_to_state_dict(flat, layout, knobs, f"{slot}/score_model", str(src))
+        del flat
+        # one random initialisation (slow at full size), then copies that are overwritten
+        model = (
+            copy.deepcopy(models["ema_params"]) if models else build_model(cfg, shape, num_levels)
+        )
         model.net.load_state_dict(sd, strict=True)
         models[slot] = model.eval()
+        del sd
     # one slot missing: both idode slots get the weights there are (recorded in the metadata)
     ema = models.get("ema_params", models.get("params"))
     raw = models.get("params", ema)
-    step = int(np.asarray(state.get("step", 0)))
     info.update(
         file=str(src.resolve()),
         step=step,

@@ -139,9 +139,7 @@ def _file_knobs(flat: dict[str, np.ndarray]) -> dict[str, object]:
     }
 
 
-def _mismatch(
-    what: str, where: str, flat: dict[str, np.ndarray], wanted: dict[str, object]
-) -> ConversionError:
+def _mismatch(what: str, flat: dict[str, np.ndarray], wanted: dict[str, object]) -> ConversionError:
     file_knobs = _file_knobs(flat)
     diffs = [
         f"{k}={file_knobs[k]!r} (the config has {wanted[k]!r})"
@@ -162,38 +160,41 @@ def _mismatch(
         )
     else:
         hint = "check model.n_embd, model.n_layers and model.with_attention"
-    return ConversionError(f"{where}: {what}; {hint}")
+    return ConversionError(f"{what}; {hint}")
 
 
 def official_to_state_dict(
-    flat: dict[str, np.ndarray], layout: list[FlaxParam], knobs: dict[str, object], where: str
+    flat: dict[str, np.ndarray],
+    layout: list[FlaxParam],
+    knobs: dict[str, object],
+    where: str,
+    source: str = "official checkpoint",
 ) -> dict[str, Tensor]:
     """Map a flattened score_model tree onto idode's ScoreUNet state dict (float32 tensors).
 
     flat: {"conv_in/kernel": array, ...} as in the file; layout: ``official_layout(...)`` of the
-    config; knobs: the config's n_embd / n_layers / with_attention (for the error message).
+    config; knobs: the config's n_embd / n_layers / with_attention (for the error message);
+    where: the tree's path in the file (``ema_params/score_model``); source: the file's name.
     Raises ConversionError naming the first missing, mis-shaped or unexpected key.
     """
     expected = {p.path: p for p in layout}
     for p in layout:
         if p.path not in flat:
             raise _mismatch(
-                f"missing key {where}/{p.path} (expected shape {p.shape})", where, flat, knobs
+                f"{source}: missing key {where}/{p.path} (expected shape {p.shape})", flat, knobs
             )
         got = tuple(np.shape(flat[p.path]))
         if got != p.shape:
             raise _mismatch(
-                f"key {where}/{p.path} has shape {got}, the config expects {p.shape}",
-                where,
+                f"{source}: key {where}/{p.path} has shape {got}, the config expects {p.shape}",
                 flat,
                 knobs,
             )
     for k, v in flat.items():
         if k not in expected:
             raise _mismatch(
-                f"unexpected key {where}/{k} (shape {tuple(np.shape(v))}; the config has no such "
-                f"parameter)",
-                where,
+                f"{source}: unexpected key {where}/{k} (shape {tuple(np.shape(v))}; the config "
+                f"has no such parameter)",
                 flat,
                 knobs,
             )
