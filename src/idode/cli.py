@@ -254,20 +254,23 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--quick", action="store_true", help="a < 5 minute smoke version")
     common(a)
     a.set_defaults(fn=cmd_ablate)
+    _add_convert_parser(sub)
+    return p
+
+
+def _add_convert_parser(sub) -> None:
+    from idode.config import PRESETS
 
     c = sub.add_parser("convert", help="an official i-DODE / VDM Flax checkpoint -> idode run dir")
     c.add_argument("ckpt", help="a clu ckpt-N.flax file, or a directory (its newest ckpt-*.flax)")
     c.add_argument(
-        "--config",
-        required=True,
-        help=f"architecture and data preset ({', '.join(PRESETS)}) or JSON",
+        "--config", required=True, help=f"architecture and data preset ({', '.join(PRESETS)})"
     )
     c.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="e.g. model.parameterization=eps"
     )
     c.add_argument("--out", required=True, help="the idode run directory to create")
     c.set_defaults(fn=cmd_convert)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
