@@ -264,7 +264,7 @@ def _add_convert_parser(sub) -> None:
     c = sub.add_parser("convert", help="an official i-DODE / VDM Flax checkpoint -> idode run dir")
     c.add_argument("ckpt", help="a clu ckpt-N.flax file, or a directory (its newest ckpt-*.flax)")
     c.add_argument(
-        "--config", required=True, help=f"architecture and data preset ({', '.join(PRESETS)})"
+        "--config", required=True, help=f"preset ({', '.join(PRESETS)}) or a config JSON file"
     )
     c.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="e.g. model.parameterization=eps"
