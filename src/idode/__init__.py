@@ -9,8 +9,10 @@ The public API::
     res = idode.bits_per_dim(model, x_int, num_levels=256)         # res.bpd [B], res.nfe
     elbo = idode.elbo_bits_per_dim(model, x_int, num_levels=256)   # [B]
     samples = idode.sample(model, num_samples=16, shape=(3, 32, 32))
+    model, info = idode.load_model("RUN_DIR", ema=True)           # a checkpoint, in eval mode
 """
 
+from idode.checkpoint import load_model
 from idode.dequantization import (
     DEQUANTIZATIONS,
     bin_centers,
@@ -53,6 +55,7 @@ __all__ = [
     "diffusion_loss_terms",
     "elbo",
     "elbo_bits_per_dim",
+    "load_model",
     "log_likelihood",
     "make_schedule",
     "ode_sample",

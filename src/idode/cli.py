@@ -7,6 +7,7 @@ idode sample   --checkpoint CKPT -n 64 [--out PREFIX]
 idode demo     [--out DIR]
 idode ablate   --preset digits [--quick] --out DIR [--docs DIR]
 idode ablate   --render RESULTS_JSON [--docs DIR]
+idode convert  CKPT.flax --config PRESET [--set key=value ...] --out DIR
 
 Exit status: 0 done; 2 a user error, told in one line ``idode: error: <problem>: <fix>``; 130
 interrupted; 141 the reader of stdout went away (``| head``). A traceback means a bug (or
@@ -174,6 +175,15 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         workers=args.workers,
         docs_dir=args.docs,
     )
+    return 0
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from idode.convert import convert_checkpoint
+
+    cfg = _load_config(args.config, args.set)
+    out = convert_checkpoint(args.ckpt, args.out, cfg)
+    print(f"converted {args.ckpt} -> {out}  (idode eval --checkpoint {out})")
     return 0
 
 
@@ -387,7 +397,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     common(a)
     a.set_defaults(fn=cmd_ablate)
+    _add_convert_parser(sub)
     return p
+
+
+def _add_convert_parser(sub) -> None:
+    from idode.config import PRESETS
+
+    c = sub.add_parser("convert", help="an official i-DODE / VDM Flax checkpoint -> idode run dir")
+    c.add_argument("ckpt", help="a clu ckpt-N.flax file, or a directory (its newest ckpt-*.flax)")
+    c.add_argument(
+        "--config", required=True, help=f"preset ({', '.join(PRESETS)}) or a config JSON file"
+    )
+    c.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="e.g. model.parameterization=eps"
+    )
+    c.add_argument("--out", required=True, type=OUT_DIR, help="the idode run directory to create")
+    c.set_defaults(fn=cmd_convert)
 
 
 def user_error_message(e: BaseException, out: str | None = None) -> str | None:

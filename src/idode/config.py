@@ -78,6 +78,10 @@ class ModelConfig:
     gamma_min: float = -13.3  # gamma = log(sigma^2/alpha^2) at t = 0
     gamma_max: float = 5.0  # gamma at t = 1
     parameterization: Parameterization = "velocity"  # network predicts: velocity | eps | x0
+    min_group_size: int = 4  # UNet GroupNorm: fewest channels per group (1: flax's 32 groups
+    #                          at every width, set by `idode convert` for official checkpoints)
+    net_gamma_min: float | None = None  # UNet's gamma input range when it differs from the
+    net_gamma_max: float | None = None  # schedule's (VDM: learned ends); None: gamma_min/max
 
 
 @dataclass(frozen=True)
@@ -155,6 +159,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "model.fourier_levels": (lambda v: v >= 2, ">= 2 grey levels or None"),
     "model.mlp_hidden": (_POSITIVE, ">= 1"),
     "model.mlp_depth": (_POSITIVE, ">= 1"),
+    "model.min_group_size": (_POSITIVE, ">= 1"),
     "train.steps": (_POSITIVE, ">= 1"),
     "train.batch_size": (_POSITIVE, ">= 1"),
     "train.grad_accum": (_POSITIVE, ">= 1"),
@@ -225,6 +230,13 @@ def _check_combinations(cfg: Config) -> None:
         raise ConfigError("train.second_order_weight > 0 needs model.parameterization=velocity")
     if m.gamma_min >= m.gamma_max:
         raise ConfigError(f"model.gamma_min={m.gamma_min} must be < model.gamma_max={m.gamma_max}")
+    net_lo = m.gamma_min if m.net_gamma_min is None else m.net_gamma_min
+    net_hi = m.gamma_max if m.net_gamma_max is None else m.net_gamma_max
+    if net_lo >= net_hi:
+        raise ConfigError(
+            f"the network's gamma range [{net_lo}, {net_hi}] is empty: set "
+            f"model.net_gamma_min < model.net_gamma_max"
+        )
     if cfg.data.name == "npz" and not cfg.data.path:
         raise ConfigError("data.name=npz needs data.path=FILE.npz")
     check_device(t.device, "train.device", error=ConfigError)

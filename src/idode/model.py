@@ -25,7 +25,10 @@ def build_model(cfg: Config, data_shape: tuple[int, ...], num_levels: int = 256)
     from idode.nets import make_net
 
     m = cfg.model
-    common = dict(dropout=m.dropout, gamma_min=m.gamma_min, gamma_max=m.gamma_max)
+    # the network's gamma input range: the schedule's unless set apart (VDM's learned ends)
+    net_lo = m.gamma_min if m.net_gamma_min is None else m.net_gamma_min
+    net_hi = m.gamma_max if m.net_gamma_max is None else m.net_gamma_max
+    common = dict(dropout=m.dropout, gamma_min=net_lo, gamma_max=net_hi)
     if m.net == "unet":
         # Fourier periods of 2 bins and 1 bin of the data's grey levels (VDM: 2^6, 2^7 for 256)
         net = make_net(
@@ -37,6 +40,7 @@ def build_model(cfg: Config, data_shape: tuple[int, ...], num_levels: int = 256)
             with_fourier_features=m.fourier_features,
             fourier_freqs=fourier_freqs(m.fourier_levels or num_levels),
             checkpoint=m.checkpoint,
+            min_group_size=m.min_group_size,
             **common,
         )
     else:

@@ -250,7 +250,9 @@ def _restore(run: _Run, ck: LoadedCheckpoint, resume: bool) -> None:
     """Weights, EMA, optimizer and step from ``ck``; with ``resume`` also data position and RNG."""
     ck.load_into(run.model, "model")
     ck.load_into(run.ema, "ema")
-    ck.load_optimizer(run.optimizer)
+    if resume or not ck.meta["extra"].get("converted_from"):
+        ck.load_optimizer(run.optimizer)
+    # else: a converted official checkpoint has no optimizer state: fresh AdamW moments
     run.step = ck.step
     if not resume:
         return

@@ -86,16 +86,19 @@ def _conv3x3(c_in: int, c_out: int, zero: bool = False) -> nn.Conv2d:
     return _init(nn.Conv2d(c_in, c_out, 3, padding=1), zero)
 
 
-def _group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
+def _group_norm(
+    channels: int, num_groups: int, min_group_size: int = _MIN_GROUP_SIZE
+) -> nn.GroupNorm:
     # At least _MIN_GROUP_SIZE channels per group: a group of one channel would normalise away
     # the per-channel conditioning shift added after conv1 (gamma would have no effect at all).
-    # Leaves VDM's configs (n >= 128: 32 groups of >= 4 channels) as flax has them.
-    groups = max(1, min(num_groups, channels // _MIN_GROUP_SIZE))
+    # Leaves VDM's configs (n >= 128: 32 groups of >= 4 channels) as flax has them;
+    # min_group_size=1 is flax's rule at every width (converted official checkpoints).
+    groups = max(1, min(num_groups, channels // min_group_size))
     if channels % groups != 0:
         raise ValueError(
             f"GroupNorm needs channels divisible by groups: {channels} channels, {groups} groups; "
-            f"choose n_embd divisible by num_groups={num_groups} (or by 4 when narrower than "
-            f"{_MIN_GROUP_SIZE * num_groups})"
+            f"choose n_embd divisible by num_groups={num_groups} (or by {min_group_size} when "
+            f"narrower than {min_group_size * num_groups})"
         )
     return nn.GroupNorm(groups, channels, eps=1e-6)
 
@@ -150,13 +153,19 @@ class ResnetBlock(nn.Module):
     """
 
     def __init__(
-        self, c_in: int, c_out: int, cond_dim: int, dropout: float, num_groups: int = 32
+        self,
+        c_in: int,
+        c_out: int,
+        cond_dim: int,
+        dropout: float,
+        num_groups: int = 32,
+        min_group_size: int = _MIN_GROUP_SIZE,
     ) -> None:
         super().__init__()
-        self.norm1 = _group_norm(c_in, num_groups)
+        self.norm1 = _group_norm(c_in, num_groups, min_group_size)
         self.conv1 = _conv3x3(c_in, c_out)
         self.cond_proj = _init(nn.Linear(cond_dim, c_out, bias=False), zero=True)
-        self.norm2 = _group_norm(c_out, num_groups)
+        self.norm2 = _group_norm(c_out, num_groups, min_group_size)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = _conv3x3(c_out, c_out, zero=True)
         # a Dense over channels is a 1x1 convolution in channel-first layout
@@ -178,9 +187,11 @@ class AttnBlock(nn.Module):
     with scale 1/sqrt(C), zero-initialised ``proj_out``. Shapes: [B, C, H, W] -> [B, C, H, W].
     """
 
-    def __init__(self, channels: int, num_groups: int = 32) -> None:
+    def __init__(
+        self, channels: int, num_groups: int = 32, min_group_size: int = _MIN_GROUP_SIZE
+    ) -> None:
         super().__init__()
-        self.norm = _group_norm(channels, num_groups)
+        self.norm = _group_norm(channels, num_groups, min_group_size)
         self.qkv = _init(nn.Linear(channels, 3 * channels))
         self.proj_out = _init(nn.Linear(channels, channels), zero=True)
 
@@ -230,6 +241,8 @@ class ScoreUNet(nn.Module):
             channels // 4 groups (never one channel per group, which would erase gamma).
         checkpoint: recompute each block's activations in backward (non-reentrant checkpointing);
             same outputs and gradients, less memory, about one extra forward of compute.
+        min_group_size: fewest channels per GroupNorm group (default 4, see ``num_groups``);
+            1 is flax's rule (``num_groups`` groups at every width), as official checkpoints need.
 
     ``forward(z [B, C, H, W], gamma [B], conditioning [B] or None) -> [B, C, H, W]`` in the
     parameters' dtype. When z requires grad (divergence, second-order loss) attention uses a
@@ -249,6 +262,7 @@ class ScoreUNet(nn.Module):
         gamma_max: float = 5.0,
         num_groups: int = 32,
         checkpoint: bool = False,
+        min_group_size: int = _MIN_GROUP_SIZE,
     ) -> None:
         super().__init__()
         if in_channels < 1 or n_embd < 4 or n_layers < 0:
@@ -256,6 +270,8 @@ class ScoreUNet(nn.Module):
                 f"need in_channels >= 1, n_embd >= 4, n_layers >= 0; got in_channels="
                 f"{in_channels}, n_embd={n_embd}, n_layers={n_layers}"
             )
+        if min_group_size < 1:
+            raise ValueError(f"need min_group_size >= 1, got {min_group_size}")
         if not gamma_max > gamma_min:
             raise ValueError(f"need gamma_max > gamma_min, got [{gamma_min}, {gamma_max}]")
         self.in_channels = in_channels
@@ -264,9 +280,10 @@ class ScoreUNet(nn.Module):
         self.with_attention = with_attention
         self.with_fourier_features = with_fourier_features
         self.fourier_freqs = tuple(float(f) for f in fourier_freqs) if with_fourier_features else ()
-        # w_f = 2^f 2 pi (§8.1.3); a buffer follows .to(device / dtype), no host copy per call
+        # w_f = 2^f 2 pi (§8.1.3); a buffer follows .to(device), no host copy per call. Kept in
+        # float64 (cast to z's dtype in use), so a float64 network gets w_f unrounded too.
         w = torch.tensor([2.0**f * 2 * math.pi for f in self.fourier_freqs], dtype=torch.float64)
-        self.register_buffer("fourier_w", w.to(torch.get_default_dtype()), persistent=False)
+        self.register_buffer("fourier_w", w, persistent=False)
         self.gamma_min = float(gamma_min)
         self.gamma_max = float(gamma_max)
         self.checkpoint = checkpoint
@@ -280,13 +297,13 @@ class ScoreUNet(nn.Module):
         self.conv_in = _conv3x3(c_feat, n)
 
         def layer(c_in: int, attn: bool) -> _Layer:
-            resnet = ResnetBlock(c_in, n, cond_dim, dropout, num_groups)
-            return _Layer(resnet, AttnBlock(n, num_groups) if attn else None)
+            resnet = ResnetBlock(c_in, n, cond_dim, dropout, num_groups, min_group_size)
+            return _Layer(resnet, AttnBlock(n, num_groups, min_group_size) if attn else None)
 
         self.down = nn.ModuleList(layer(n, with_attention) for _ in range(n_layers))
         self.mid = nn.ModuleList([layer(n, True), layer(n, False)])
         self.up = nn.ModuleList(layer(2 * n, with_attention) for _ in range(n_layers + 1))
-        self.norm_out = _group_norm(n, num_groups)
+        self.norm_out = _group_norm(n, num_groups, min_group_size)
         self.conv_out = _conv3x3(n, in_channels, zero=True)
 
     def extra_repr(self) -> str:
