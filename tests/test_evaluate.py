@@ -169,7 +169,9 @@ def test_missing_or_corrupt_checkpoint(ckpt, tmp_path):
     state.write_bytes(state.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="corrupt checkpoint tensors"):
         evaluate(bad, tmp_path / "e2", **FAST)
-    with pytest.raises(ConfigError, match="unknown eval.dequantization 'gauss'; valid: 'truncated_normal'"):
+    with pytest.raises(
+        ConfigError, match="unknown eval.dequantization 'gauss'; valid: 'truncated_normal'"
+    ):
         evaluate(ckpt, tmp_path / "e3", **{**FAST, "dequantization": "gauss"})
 
 

@@ -274,6 +274,7 @@ DEVICE = _arg_type("device", _device)
 
 def build_parser() -> argparse.ArgumentParser:
     from idode.config import PRESETS
+    from idode.data import SPLITS
     from idode.dequantization import DEQUANTIZATIONS
     from idode.likelihood import DIVERGENCES
 
@@ -324,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument(
         "--out", type=OUT_DIR, help="output directory (default: RUN/evals/step_N_SPLIT_DEQ...)"
     )
-    e.add_argument("--split", default="test", choices=["train", "test"])
+    e.add_argument("--split", default="test", choices=list(SPLITS))
     e.add_argument("--dequantization", choices=list(DEQUANTIZATIONS), help="default: checkpoint")
     e.add_argument("--num-samples", type=POSITIVE_INT, help="K draws (default: checkpoint)")
     e.add_argument(

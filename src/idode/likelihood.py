@@ -28,9 +28,15 @@ from idode.dequantization import (
     decoder_log_prob,
     dequantize,
 )
-from idode.divergence import PROBE_KINDS, exact_divergence, hutchinson_divergence, sample_probes
+from idode.divergence import (
+    DIVERGENCES,
+    Divergence,
+    exact_divergence,
+    first_order_input_gradients,
+    hutchinson_divergence,
+    sample_probes,
+)
 from idode.losses import check_model_input, diffusion_loss_terms
-from idode.nets.unet import first_order_input_gradients
 from idode.parameterization import DiffusionODE, check_choice
 from idode.rng import Generators
 from idode.solvers import solve_ivp
@@ -44,9 +50,6 @@ __all__ = [
     "elbo_bits_per_dim",
     "log_likelihood",
 ]
-
-Divergence = Literal["exact", "rademacher", "gaussian"]
-DIVERGENCES: tuple[str, ...] = ("exact", *PROBE_KINDS)
 
 
 @contextlib.contextmanager

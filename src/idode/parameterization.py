@@ -16,7 +16,7 @@ evaluate (no cancellation between the two terms of E1).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -27,7 +27,7 @@ from idode.validation import check_choice  # re-exported: its home moved to vali
 __all__ = ["Parameterization", "PARAMETERIZATIONS", "DiffusionODE", "check_choice", "expand"]
 
 Parameterization = Literal["eps", "x0", "velocity"]
-PARAMETERIZATIONS: tuple[str, ...] = ("eps", "x0", "velocity")
+PARAMETERIZATIONS: tuple[str, ...] = get_args(Parameterization)
 Net = Callable[[Tensor, Tensor], Tensor]
 
 

@@ -7,12 +7,13 @@ last layer (§2.5), so they are the identity at initialisation.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from torch import nn
 
+from idode.divergence import first_order_input_gradients
 from idode.nets.mlp import MLP
-from idode.nets.unet import ScoreUNet, first_order_input_gradients
+from idode.nets.unet import ScoreUNet
 
 __all__ = [
     "MLP",
@@ -25,7 +26,7 @@ __all__ = [
 ]
 
 NetKind = Literal["unet", "mlp"]
-NET_KINDS: tuple[str, ...] = ("unet", "mlp")
+NET_KINDS: tuple[str, ...] = get_args(NetKind)
 
 
 def make_net(kind: NetKind, shape: tuple[int, ...], **kwargs) -> nn.Module:

@@ -7,16 +7,14 @@ zero-initialised conv_out -> ``z + out`` (§2.5). Initialisation follows flax: L
 (fewer groups in layers narrower than 128 channels, so every group has >= 4 channels).
 
 Two things are added for PyTorch: attention runs through ``scaled_dot_product_attention`` with
-a backward that is itself differentiable when input gradients are requested (the second-order
-loss differentiates a VJP w.r.t. z, §5.2, and the fused kernels have no double backward), and
-optional activation checkpointing per block (``checkpoint=True``).
+a backward that is itself differentiable when input gradients are requested (``attention.py``;
+the second-order loss differentiates a VJP w.r.t. z, §5.2, and the fused kernels have no double
+backward), and optional activation checkpointing per block (``checkpoint=True``).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
-import threading
 from collections.abc import Sequence
 
 import torch
@@ -24,6 +22,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
+from idode.divergence import first_order_input_gradients, first_order_only
+from idode.nets.attention import attention
 from idode.nets.embedding import check_gamma_and_conditioning, gamma_embedding
 
 __all__ = [
@@ -34,25 +34,6 @@ __all__ = [
     "attention",
     "first_order_input_gradients",
 ]
-
-_FIRST_ORDER_ONLY = threading.local()
-
-
-@contextlib.contextmanager
-def first_order_input_gradients():
-    """Promise that gradients w.r.t. z inside this block are never differentiated again.
-
-    The ODE likelihood only needs one VJP per step, so the UNet may then use the fused attention
-    kernels (about 2x faster) instead of the twice-differentiable attention that the
-    second-order loss needs. Differentiating twice inside this block raises an error.
-    """
-    prev = getattr(_FIRST_ORDER_ONLY, "on", False)
-    _FIRST_ORDER_ONLY.on = True
-    try:
-        yield
-    finally:
-        _FIRST_ORDER_ONLY.on = prev
-
 
 # std of a unit normal truncated to [-2, 2]; dividing by it makes the truncated variance exact
 _TRUNC_STD = 0.87962566103423978
@@ -101,47 +82,6 @@ def _group_norm(
             f"narrower than {min_group_size * num_groups})"
         )
     return nn.GroupNorm(groups, channels, eps=1e-6)
-
-
-# --- attention ---------------------------------------------------------------------------------
-class _TwiceDifferentiableAttention(torch.autograd.Function):
-    """softmax(q k^T / sqrt(C)) v: fused SDPA forward, backward in plain (differentiable) ops.
-
-    The fused SDPA kernels (CPU flash, CUDA flash / memory-efficient) have no double backward;
-    this backward recomputes P = softmax(S) and is itself recorded under ``create_graph=True``.
-    """
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        return F.scaled_dot_product_attention(q, k, v)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        ctx.save_for_backward(*inputs, output)
-
-    @staticmethod
-    def backward(ctx, grad_out: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        q, k, v, out = ctx.saved_tensors
-        scale = q.shape[-1] ** -0.5
-        p = torch.softmax((q @ k.transpose(-2, -1)) * scale, dim=-1)  # [..., N, N]
-        grad_v = p.transpose(-2, -1) @ grad_out
-        grad_p = grad_out @ v.transpose(-2, -1)
-        # softmax backward: dS = P * (dP - rowsum(P * dP)), and rowsum(P * dP) = rowsum(dO * O)
-        grad_s = p * (grad_p - (grad_out * out).sum(-1, keepdim=True)) * scale
-        return grad_s @ k, grad_s.transpose(-2, -1) @ q, grad_v
-
-
-def attention(q: Tensor, k: Tensor, v: Tensor, twice_differentiable: bool = False) -> Tensor:
-    """Softmax attention softmax(q k^T / sqrt(C)) v over the second-to-last axis.
-
-    Shapes: q, k, v [..., N, C] -> [..., N, C]. With ``twice_differentiable`` the backward is
-    written in differentiable ops so ``create_graph=True`` gradients can be differentiated again.
-    """
-    if twice_differentiable:
-        return _TwiceDifferentiableAttention.apply(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v)
 
 
 # --- blocks ------------------------------------------------------------------------------------
@@ -352,11 +292,7 @@ class ScoreUNet(nn.Module):
         h = torch.cat([z, self.fourier_features(z)], dim=1) if self.fourier_freqs else z
         # the fused attention kernels cannot be differentiated twice; only pay for that when
         # gradients w.r.t. z may be differentiated again (the second-order loss)
-        twice = (
-            torch.is_grad_enabled()
-            and z.requires_grad
-            and not getattr(_FIRST_ORDER_ONLY, "on", False)
-        )
+        twice = torch.is_grad_enabled() and z.requires_grad and not first_order_only()
         h = self.conv_in(h)
         hs = [h]
         for layer in self.down:
