@@ -1,4 +1,4 @@
-"""from_diffusers: the schedule from alphas_cumprod, fractional timesteps, and exact eps/likelihood."""
+"""from_diffusers: the schedule from alphas_cumprod, fractional timesteps, exact eps/likelihood."""
 
 import math
 import warnings
@@ -18,7 +18,9 @@ from adapter_problems import (
 import idode
 import idode.adapters
 
-diffusers = pytest.importorskip("diffusers", reason="diffusers is a test extra: pip install diffusers")
+diffusers = pytest.importorskip(
+    "diffusers", reason="diffusers is a test extra: pip install diffusers"
+)
 
 PRED_TYPES = ["epsilon", "v_prediction", "sample"]
 
@@ -148,8 +150,8 @@ def test_exact_predictor_gives_the_closed_form_likelihood(prediction_type, sched
 
 
 def test_exact_predictor_bits_per_dim_against_the_exact_value():
-    """bits/dim (truncated normal) and the ELBO of Gaussian-predictor data equal the closed form
-    on average: E[bpd] = -(E_q[log p_model(z)] - E_q[log q]) / (d ln 2), here by the per-draw log q."""
+    """Truncated-normal bits/dim of each draw: -(log p_model(z) - log q(z)) / (d ln 2), with the
+    model's closed-form log-density at the replayed dequantization draw z."""
     sched = diffusers.DDPMScheduler()
     gam = reference_gammas(sched)
     mu = np.zeros((1, 2, 2))
@@ -157,11 +159,20 @@ def test_exact_predictor_bits_per_dim_against_the_exact_value():
     model = idode.adapters.from_diffusers(ExactGaussianUNet(mu, s2, gam, "epsilon"), sched)
     gen = torch.Generator().manual_seed(0)
     k = torch.randint(0, 256, (6, 1, 2, 2), generator=gen)
-    res = idode.bits_per_dim(model, k, 256, divergence="exact", analytic_entropy=False, rtol=1e-7,
-                             atol=1e-7, generator=torch.Generator().manual_seed(1))
+    res = idode.bits_per_dim(
+        model,
+        k,
+        256,
+        divergence="exact",
+        analytic_entropy=False,
+        rtol=1e-7,
+        atol=1e-7,
+        generator=torch.Generator().manual_seed(1),
+    )
     # replay the same draws: z = alpha_min c(k) + sigma_min eps with the same generator
-    dq = idode.dequantize("truncated_normal", k, 256, model.schedule,
-                          generator=torch.Generator().manual_seed(1))
+    dq = idode.dequantize(
+        "truncated_normal", k, 256, model.schedule, generator=torch.Generator().manual_seed(1)
+    )
     start, end = vp_coefficients(gam[0]), vp_coefficients(gam[-1])
     logp = truncated_flow_log_density(dq.z.numpy(), mu, s2, start, end, prior_var=end[1] ** 2)
     expected = -(logp - dq.log_q.numpy()) / (4 * math.log(2))
@@ -197,15 +208,22 @@ def test_no_warning_for_an_ordinary_schedule_and_clear_errors():
         warnings.simplefilter("error")
         idode.adapters.from_diffusers(RecordingUNet(), diffusers.DDPMScheduler())
     with pytest.raises(ValueError, match="unknown prediction_type"):
-        idode.adapters.from_diffusers(RecordingUNet(), diffusers.DDPMScheduler(),
-                                      prediction_type="score")
+        idode.adapters.from_diffusers(
+            RecordingUNet(), diffusers.DDPMScheduler(), prediction_type="score"
+        )
     with pytest.raises(TypeError, match="alphas_cumprod"):
         idode.adapters.from_diffusers(RecordingUNet(), object())
     learned = diffusers.UNet2DModel(
-        sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8, 16),
-        layers_per_block=1, down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"), norm_num_groups=4,
-        time_embedding_type="learned", num_train_timesteps=1000,
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+        time_embedding_type="learned",
+        num_train_timesteps=1000,
     )
     with pytest.raises(ValueError, match="fractional timesteps"):
         idode.adapters.from_diffusers(learned, diffusers.DDPMScheduler())

@@ -3,6 +3,7 @@
 idode train    --config PRESET|FILE.json [--set key=value ...] --out RUN_DIR [--resume]
 idode finetune --from RUN_DIR/checkpoint --out RUN_DIR2 [--steps N] [--weight 0.1]
 idode eval     --checkpoint CKPT [--dequantization ...] [--num-samples K] [--out DIR]
+idode eval     --checkpoint DIFFUSERS_DIR --data NAME [--set data.root=DIR]
 idode sample   --checkpoint CKPT -n 64 [--out PREFIX]
 idode demo     [--out DIR]
 idode ablate   --preset digits [--quick] --out DIR
@@ -106,6 +107,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         seed=args.seed,
         max_examples=args.max_examples,
         data_root=args.data_root,
+        data=args.data,
+        overrides=args.set,
         with_elbo=not args.no_elbo,
         ema=not args.raw_weights,
         device=args.device,
@@ -192,7 +195,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.set_defaults(fn=cmd_finetune)
 
     e = sub.add_parser("eval", help="ODE bits/dim over a split (EMA weights) + the SDE bound")
-    e.add_argument("--checkpoint", required=True)
+    e.add_argument(
+        "--checkpoint",
+        required=True,
+        help="idode checkpoint or run directory, or a diffusers model folder (with --data)",
+    )
     e.add_argument("--out", help="output directory (default: CHECKPOINT/eval_SPLIT_DEQ)")
     e.add_argument("--split", default="test", choices=["train", "test"])
     e.add_argument(
@@ -211,6 +218,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--max-examples", type=int, default=None)
     e.add_argument("--data-root", default=None, help="override the dataset directory")
+    e.add_argument("--data", default=None, help="dataset (digits, mnist, cifar10, imagenet32, npz)")
+    e.add_argument(
+        "--set", action="append", metavar="data.KEY=VALUE", help="data override, e.g. data.root=DIR"
+    )
     e.add_argument("--no-elbo", action="store_true", help="skip the SDE bound")
     e.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA")
     e.add_argument("--device", default="auto")

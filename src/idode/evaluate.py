@@ -27,6 +27,7 @@ import math
 import os
 import statistics
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,9 @@ import torch
 from torch import Tensor
 
 from idode.checkpoint import find_checkpoint, load_model
-from idode.config import ConfigError
+from idode.config import Config, ConfigError, DataConfig, apply_overrides
 from idode.data import load_dataset
-from idode.dequantization import DEQUANTIZATIONS
+from idode.dequantization import DEQUANTIZATIONS, UNIFORM_GAMMA_START
 from idode.likelihood import DIVERGENCES, bits_per_dim, elbo
 from idode.rng import example_generators
 from idode.train import DistEnv, dist_env, resolve_device
@@ -66,6 +67,8 @@ def evaluate(
     seed: int = 0,
     max_examples: int | None = None,
     data_root: str | None = None,
+    data: str | None = None,
+    overrides: list[str] | None = None,
     with_elbo: bool = True,
     ema: bool = True,
     device: str = "auto",
@@ -77,11 +80,12 @@ def evaluate(
     checkpoint: a checkpoint or run directory. out_dir: where the per-example results, the
     settings fingerprint and eval.json go; rerunning into the same out_dir resumes.
     max_examples: only the first N examples of the split. overwrite: discard earlier results in
-    out_dir instead of resuming (needed when the settings changed).
+    out_dir instead of resuming (needed when the settings changed). data / overrides: dataset name
+    and ``data.*=value`` strings replacing the checkpoint's data config; required for a diffusers
+    model folder (``checkpoint`` may be one: see ``idode.adapters.load_model_folder``).
     """
     t0 = time.perf_counter()
     _check(dequantization, divergence, split, num_samples, batch_size, max_examples)
-    ckpt_dir = find_checkpoint(checkpoint).resolve()
     dev_kind = (
         "cuda"
         if device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
@@ -89,18 +93,25 @@ def evaluate(
     )
     env = dist_env(dev_kind)
     dev = resolve_device(device, env, key="--device")
-    model, ck = load_model(ckpt_dir, ema=ema, device=dev)
-    cfg = ck.config
-    root = data_root if data_root is not None else cfg.data.root
+    if _is_model_folder(checkpoint):  # a diffusers model folder (idode.adapters)
+        model, data_cfg, folder_info = _load_model_folder(checkpoint, dev, data, overrides)
+        ckpt_dir, step, ema, extra = Path(folder_info["path"]), None, None, {}
+    else:
+        ckpt_dir = find_checkpoint(checkpoint).resolve()
+        model, ck = load_model(ckpt_dir, ema=ema, device=dev)
+        data_cfg = _eval_data_config(ck.config.data, data, overrides)
+        step, folder_info, extra = ck.step, None, ck.meta.get("extra", {})
+    root = data_root if data_root is not None else data_cfg.root
     ds = load_dataset(
-        cfg.data.name,
+        data_cfg.name,
         split,
         root,
-        version=cfg.data.version,
-        path=cfg.data.path,
+        version=data_cfg.version,
+        path=data_cfg.path,
         max_examples=max_examples,
     )
-    extra = ck.meta.get("extra", {})
+    if folder_info is not None:
+        _check_folder_data(folder_info, ds)
     if list(ds.shape) != list(extra.get("data_shape", ds.shape)) or ds.num_levels != int(
         extra.get("num_levels", ds.num_levels)
     ):
@@ -112,11 +123,11 @@ def evaluate(
     n = len(ds)
     fingerprint = {
         "checkpoint": str(ckpt_dir),
-        "checkpoint_step": ck.step,
+        "checkpoint_step": step,
         "ema": ema,
-        "dataset": cfg.data.name,
-        "version": cfg.data.version,
-        "npz_path": cfg.data.path,
+        "dataset": data_cfg.name,
+        "version": data_cfg.version,
+        "npz_path": data_cfg.path,
         "split": split,
         "dequantization": dequantization,
         "num_samples": num_samples,
@@ -197,7 +208,8 @@ def evaluate(
                 "device": str(dev),
                 "world_size": env.world_size,
             },
-            checkpoint={"path": str(ckpt_dir), "step": ck.step},
+            checkpoint={"path": str(ckpt_dir), "step": step},
+            model_folder=folder_info,
             dataset={
                 "name": ds.name,
                 "split": ds.split,
@@ -216,6 +228,54 @@ def evaluate(
     result = _broadcast(result, env)
     env.barrier()
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# models and data from other libraries (idode.adapters) and --data / --set data.*
+# --------------------------------------------------------------------------------------------------
+
+
+def _is_model_folder(path: str | os.PathLike) -> bool:
+    from idode.adapters import is_model_folder
+
+    return is_model_folder(path)
+
+
+def _eval_data_config(base: DataConfig, name: str | None, overrides: list[str] | None):
+    """The data config of an evaluation: ``base`` with --data NAME and --set data.KEY=VALUE."""
+    bad = [o for o in overrides or [] if not o.strip().startswith("data.")]
+    if bad:
+        raise ConfigError(
+            f"idode eval --set takes data.* keys only (e.g. data.root=DIR), got {', '.join(bad)}"
+        )
+    if name is None and not overrides:
+        return base
+    cfg = Config(data=base if name is None else replace(base, name=name))
+    return apply_overrides(cfg, overrides).data
+
+
+def _load_model_folder(path, dev: torch.device, data: str | None, overrides: list[str] | None):
+    """(model, data config, info) of a diffusers model folder; the dataset must be named."""
+    from idode.adapters import load_model_folder
+
+    if data is None:
+        raise ConfigError(
+            f"{path} is a diffusers model folder, which names no dataset: pass --data NAME "
+            f"(digits, mnist, cifar10, imagenet32, npz) and --set data.root=DIR (or "
+            f"data.path=FILE.npz)"
+        )
+    data_cfg = _eval_data_config(DataConfig(), data, overrides)
+    model, info = load_model_folder(path, device=dev)
+    return model, data_cfg, info
+
+
+def _check_folder_data(info: dict[str, Any], ds) -> None:
+    from idode.adapters import check_data_shape
+
+    try:
+        check_data_shape(info, ds.shape, f"{ds.name}/{ds.split}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -263,6 +323,8 @@ def _evaluate_batch(
         atol,
         importance_weighted=importance_weighted,
         generator=example_generators(seed, indices, dev),
+        # a model whose ODE starts above -11.8 (e.g. DDPM's first timestep) starts there
+        uniform_gamma_start=max(UNIFORM_GAMMA_START, model.schedule.gamma_min),
     )
     cols: dict[str, Tensor] = {
         "bpd": res.bpd,

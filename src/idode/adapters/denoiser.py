@@ -1,16 +1,17 @@
-"""k-diffusion / EDM denoisers D(x, sigma) in variance-exploding coordinates as a VP ``DiffusionODE``.
+"""k-diffusion / EDM denoisers D(x, sigma) in variance-exploding coordinates as a VP model.
 
 A VE denoiser sees x = x0 + sigma_VE eps and returns an estimate of x0. idode's VP state with the
 same signal-to-noise ratio is z = alpha x0 + sigma eps = alpha x with sigma / alpha = sigma_VE, so
 (method.md §1.2, gamma = log(sigma^2 / alpha^2))
 
-    sigma_VE = exp(gamma / 2),   x = z / alpha = z exp(-log alpha),   x0_hat(z, gamma) = D(x, sigma_VE),
+    sigma_VE = exp(gamma / 2),   x = z / alpha,   x0_hat(z, gamma) = D(x, sigma_VE),
 
 an "x0" parameterization on VP [2 log sigma_min, 2 log sigma_max]. The two ODEs are the same flow:
 z(gamma) = alpha(gamma) x(sigma_VE(gamma)), and the VE prior N(0, sigma_max^2) is the VP prior
 N(0, alpha_max^2 sigma_max^2) = N(0, sigmoid(gamma_max)). So log p_VE(x) = log p_VP(alpha_min x)
-+ d log alpha_min, and idode's dequantization at gamma_min puts z / alpha_min = c(k) + sigma_min eps,
-exactly the VE data plus VE noise sigma_min: bits/dim are of the data in the denoiser's own scale.
++ d log alpha_min, and idode's dequantization at gamma_min puts
+z / alpha_min = c(k) + sigma_min eps, exactly the VE data plus VE noise sigma_min: bits/dim are of
+the data in the denoiser's own scale.
 """
 
 from __future__ import annotations
