@@ -9,8 +9,10 @@ The public API::
     res = idode.bits_per_dim(model, x_int, num_levels=256)         # res.bpd [B], res.nfe
     elbo = idode.elbo_bits_per_dim(model, x_int, num_levels=256)   # [B]
     samples = idode.sample(model, num_samples=16, shape=(3, 32, 32))
+    model = idode.adapters.from_diffusers(unet, scheduler)       # models from other libraries
 """
 
+from idode import adapters  # light: diffusers is imported only when a model folder is read
 from idode.dequantization import (
     DEQUANTIZATIONS,
     bin_centers,
@@ -47,6 +49,7 @@ __all__ = [
     "SampleResult",
     "Schedule",
     "VPSchedule",
+    "adapters",
     "bin_centers",
     "bits_per_dim",
     "bits_per_dim_from_nats",

@@ -218,7 +218,7 @@ def is_model_folder(path: str | os.PathLike) -> bool:
         cfg = json.loads((found[0] / "config.json").read_text())
     except (OSError, json.JSONDecodeError):
         return False
-    return isinstance(cfg, dict) and "_diffusers_version" in cfg
+    return isinstance(cfg, dict) and ("_diffusers_version" in cfg or "_class_name" in cfg)
 
 
 def load_model_folder(
@@ -231,7 +231,12 @@ def load_model_folder(
     ``../scheduler/``). Nothing is downloaded. The info dict records the classes, the prediction
     type, the gamma range and the image shape the UNet expects.
     """
-    import diffusers  # optional dependency: pip install "idode[adapters]"
+    try:
+        import diffusers
+    except ImportError as e:
+        raise ImportError(
+            'reading a diffusers model folder needs diffusers: pip install "idode[adapters]"'
+        ) from e
 
     root = Path(path)
     found = _folder_files(root) if root.is_dir() else None
