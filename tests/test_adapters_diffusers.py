@@ -42,7 +42,8 @@ def tiny_unet(out_channels: int = 1, size: int = 8) -> torch.nn.Module:
 def reference_gammas(scheduler) -> np.ndarray:
     """gamma_i = log((1 - abar_i) / abar_i) from the scheduler's alphas_cumprod, in numpy."""
     abar = scheduler.alphas_cumprod.double().numpy()
-    return np.log1p(-abar) - np.log(abar)
+    with np.errstate(divide="ignore"):  # abar = 0 at a zero-terminal-SNR end: gamma = +inf
+        return np.log1p(-abar) - np.log(abar)
 
 
 def eps_from_diffusers_output(out, z, abar, prediction_type):

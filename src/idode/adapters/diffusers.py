@@ -87,6 +87,15 @@ class DiffusersNet(nn.Module):
         # a plain attribute, not a buffer: module.half() must not round the grid
         self.gammas = gammas[first : last + 1].to(torch.float64)
         self.first = first
+        self._grids: dict[
+            tuple, Tensor
+        ] = {}  # the grid per (device, dtype): one copy, not one per call
+
+    def _grid(self, device: torch.device, dtype: torch.dtype) -> Tensor:
+        key = (str(device), dtype)
+        if key not in self._grids:
+            self._grids[key] = self.gammas.to(device, dtype)
+        return self._grids[key]
 
     def timestep(self, gamma: Tensor) -> Tensor:
         """The fractional training timestep [B] whose interpolated gamma is ``gamma`` [B].
@@ -95,7 +104,7 @@ class DiffusersNet(nn.Module):
         in gamma's dtype (at least float32), so gamma_i in that dtype maps to exactly i.
         """
         dtype = torch.promote_types(gamma.dtype, torch.float32)
-        grid = self.gammas.to(gamma.device, dtype)
+        grid = self._grid(gamma.device, dtype)
         g = gamma.to(dtype)
         idx = (torch.searchsorted(grid, g, right=True) - 1).clamp(0, grid.numel() - 2)
         g0, g1 = grid[idx], grid[idx + 1]
