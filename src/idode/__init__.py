@@ -10,8 +10,10 @@ The public API::
     elbo = idode.elbo_bits_per_dim(model, x_int, num_levels=256)   # [B]
     samples = idode.sample(model, num_samples=16, shape=(3, 32, 32))
     model, info = idode.load_model("RUN_DIR", ema=True)           # a checkpoint, in eval mode
+    model = idode.adapters.from_diffusers(unet, scheduler)       # models from other libraries
 """
 
+from idode import adapters  # light: diffusers is imported only when a model folder is read
 from idode.checkpoint import load_model
 from idode.dequantization import (
     DEQUANTIZATIONS,
@@ -47,6 +49,7 @@ __all__ = [
     "SampleResult",
     "Schedule",
     "VPSchedule",
+    "adapters",
     "bin_centers",
     "bits_per_dim",
     "bits_per_dim_from_nats",

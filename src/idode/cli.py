@@ -3,6 +3,7 @@
 idode train    --config PRESET|FILE.json [--set key=value ...] --out RUN_DIR [--resume]
 idode finetune --from RUN_DIR/checkpoint --out RUN_DIR2 [--steps N] [--weight 0.1]
 idode eval     --checkpoint CKPT [--dequantization ...] [--num-samples K] [--out DIR]
+idode eval     --checkpoint DIFFUSERS_DIR --data NAME [--set data.root=DIR]
 idode sample   --checkpoint CKPT -n 64 [--out PREFIX]
 idode demo     [--out DIR]
 idode ablate   --preset digits [--quick] --out DIR [--docs DIR]
@@ -107,6 +108,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         split=args.split,
         max_examples=args.max_examples,
         data_root=args.data_root,
+        data=args.data,
+        overrides=args.set,
         with_elbo=not args.no_elbo,
         ema=not args.raw_weights,
         device=args.device,
@@ -274,7 +277,7 @@ DEVICE = _arg_type("device", _device)
 
 def build_parser() -> argparse.ArgumentParser:
     from idode.config import PRESETS
-    from idode.data import SPLITS
+    from idode.data import DATASETS, SPLITS
     from idode.dequantization import DEQUANTIZATIONS
     from idode.likelihood import DIVERGENCES
 
@@ -321,7 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
         "divergence, tolerances, batch size, seed) comes from the checkpoint's eval config "
         "(the presets carry the official protocols); each flag given overrides it.",
     )
-    e.add_argument("--checkpoint", required=True)
+    e.add_argument(
+        "--checkpoint",
+        required=True,
+        help="idode checkpoint or run directory, or a diffusers model folder (with --data)",
+    )
     e.add_argument(
         "--out", type=OUT_DIR, help="output directory (default: RUN/evals/step_N_SPLIT_DEQ...)"
     )
@@ -345,6 +352,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, help="noise and probe seed (default: checkpoint)")
     e.add_argument("--max-examples", type=POSITIVE_INT, default=None)
     e.add_argument("--data-root", default=None, help="override the dataset directory")
+    e.add_argument("--data", choices=list(DATASETS), help="dataset (needed for a diffusers folder)")
+    e.add_argument(
+        "--set", action="append", metavar="data.KEY=VALUE", help="data override, e.g. data.root=DIR"
+    )
     e.add_argument("--no-elbo", action="store_true", help="skip the SDE bound")
     e.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA")
     e.add_argument("--device", type=DEVICE, default="auto", help=DEVICE_HELP)

@@ -156,7 +156,10 @@ def dequantize(
     generator: Generators = None,
     uniform_gamma_start: float = UNIFORM_GAMMA_START,
 ) -> Dequantized:
-    """Draw one continuous z for each integer image, with its log q (method.md §7)."""
+    """Draw one continuous z for each integer image, with its log q (method.md §7).
+
+    Uniform dequantization starts the ODE at ``max(uniform_gamma_start, schedule.gamma_min)``.
+    """
     if kind not in DEQUANTIZATIONS:
         raise ValueError(
             f"unknown dequantization {kind!r}; valid: {', '.join(map(repr, DEQUANTIZATIONS))}"
@@ -170,7 +173,9 @@ def dequantize(
         u = rng.rand(x_int.shape, generator, device=dev, dtype=torch.float64)
         z = 2.0 * (x_int.to(torch.float64) + u) / num_levels - 1.0
         log_q = torch.full_like(zeros, uniform_log_q(d, num_levels))
-        return Dequantized(z, log_q, log_q.clone(), zeros, float(uniform_gamma_start))
+        # a model whose ODE starts later than -11.8 (a DDPM's first timestep: -9.2) starts there
+        g_start = max(float(uniform_gamma_start), schedule.gamma_min)
+        return Dequantized(z, log_q, log_q.clone(), zeros, g_start)
 
     g0 = torch.tensor(schedule.gamma_min, dtype=torch.float64)
     alpha_min, log_sigma_min = schedule.alpha_min, float(schedule.log_sigma(g0))

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from idode.checkpoint import LoadedCheckpoint, find_checkpoint, load_model, run_folder
-from idode.config import Config, ConfigError, EvalConfig
-from idode.data import Split, dataset_from_config
+from idode.config import Config, ConfigError, DataConfig, EvalConfig, apply_overrides
+from idode.data import DATASETS, DatasetName, Split, dataset_from_config
 from idode.dequantization import Dequantization
 from idode.distributed import broadcast, progress_bar, setup
 from idode.likelihood import Divergence, bits_per_dim, elbo
@@ -94,12 +94,25 @@ def _check_arguments(split: str, max_examples: int | None, flags: dict[str, Any]
     replace(Config(), eval=replace(EvalConfig(), **given)).validate()
 
 
-def _load(checkpoint, ema: bool, device: str, split: str, data_root, max_examples):
-    """(env, device, model, checkpoint record, dataset), the dataset checked against the model."""
-    ckpt_dir = find_checkpoint(checkpoint).resolve()
+def _load(checkpoint, ema: bool, device: str, split: str, data_root, max_examples, data, overrides):
+    """(env, device, model, checkpoint record, dataset), the dataset checked against the model.
+
+    ``checkpoint`` may also be a diffusers model folder (``idode.adapters``); it names no dataset,
+    so ``data`` must; ``data`` / ``overrides`` (data.* only) replace a checkpoint's data config.
+    """
+    from idode.adapters import is_model_folder
+
     env, dev = setup(device, key="--device")
-    model, ck = load_model(ckpt_dir, ema=ema, device=dev)
+    if is_model_folder(checkpoint):
+        model, ck = _load_model_folder(checkpoint, dev, data, overrides)
+    else:
+        model, ck = load_model(find_checkpoint(checkpoint).resolve(), ema=ema, device=dev)
+        data_cfg = _eval_data_config(ck.config.data, data, overrides)
+        ck = replace(ck, config=replace(ck.config, data=data_cfg))
     ds = dataset_from_config(ck.config.data, split, root=data_root, max_examples=max_examples)
+    if "model_folder" in ck.meta:
+        _check_folder_data(ck.meta["model_folder"], ds)
+        ck = replace(ck, data_shape=tuple(ds.shape), num_levels=ds.num_levels)
     if tuple(ds.shape) != tuple(ck.data_shape) or ds.num_levels != ck.num_levels:
         raise ConfigError(
             f"{ds.name}/{split} has images {ds.shape} with {ds.num_levels} levels, but the "
@@ -107,6 +120,53 @@ def _load(checkpoint, ema: bool, device: str, split: str, data_root, max_example
             f"{ck.num_levels} levels"
         )
     return env, dev, model, ck, ds
+
+
+# --------------------------------------------------------------------------------------------------
+# models and data from other libraries (idode.adapters) and --data / --set data.*
+# --------------------------------------------------------------------------------------------------
+
+
+def _eval_data_config(base: DataConfig, name: str | None, overrides: list[str] | None):
+    """The data config of an evaluation: ``base`` with --data NAME and --set data.KEY=VALUE."""
+    bad = [o for o in overrides or [] if not o.strip().startswith("data.")]
+    if bad:
+        raise ConfigError(
+            f"idode eval --set takes data.* keys only (e.g. data.root=DIR), got {', '.join(bad)}"
+        )
+    if name is None and not overrides:
+        return base
+    cfg = Config(data=base if name is None else replace(base, name=name))
+    return apply_overrides(cfg, overrides).data
+
+
+def _load_model_folder(path, dev: torch.device, data: str | None, overrides: list[str] | None):
+    """(model, a stand-in checkpoint record) of a diffusers model folder; data must be named.
+
+    The record carries the default evaluation protocol and the named dataset; its shape and
+    grey levels are those of the dataset once it is loaded.
+    """
+    from idode.adapters import load_model_folder
+
+    if data is None:
+        raise ConfigError(
+            f"{path} is a diffusers model folder, which names no dataset: pass --data NAME "
+            f"({', '.join(DATASETS)}) and --set data.root=DIR (or data.path=FILE.npz)"
+        )
+    data_cfg = _eval_data_config(DataConfig(), data, overrides)
+    model, info = load_model_folder(path, device=dev)
+    meta = {"model_folder": info}
+    ck = LoadedCheckpoint(Path(info["path"]), 0, Config(data=data_cfg), {}, meta, num_levels=0)
+    return model, ck
+
+
+def _check_folder_data(info: dict[str, Any], ds) -> None:
+    from idode.adapters import check_data_shape
+
+    try:
+        check_data_shape(info, ds.shape, f"{ds.name}/{ds.split}")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _fingerprint(ck, ema: bool, split: str, ev: EvalConfig, with_elbo: bool, dev) -> dict:
@@ -150,6 +210,8 @@ def evaluate(
     seed: int | None = None,
     max_examples: int | None = None,
     data_root: str | None = None,
+    data: DatasetName | None = None,
+    overrides: list[str] | None = None,
     with_elbo: bool = True,
     ema: bool = True,
     device: str = "auto",
@@ -171,7 +233,9 @@ def evaluate(
                  importance_weighted=importance_weighted, divergence=divergence, rtol=rtol,
                  atol=atol, batch_size=batch_size, seed=seed)  # fmt: skip
     _check_arguments(split, max_examples, flags)
-    env, dev, model, ck, ds = _load(checkpoint, ema, device, split, data_root, max_examples)
+    env, dev, model, ck, ds = _load(
+        checkpoint, ema, device, split, data_root, max_examples, data, overrides
+    )
     ev, source = resolve_settings(ck.config, **flags)
     out = Path(out_dir) if out_dir is not None else default_eval_dir(ck, split, ev)
     fingerprint = _fingerprint(ck, ema, split, ev, with_elbo, dev)
@@ -192,6 +256,7 @@ def evaluate(
                       "data_root": data_root, "device": str(dev), "world_size": env.world_size},
             settings_source=source,
             checkpoint={"path": str(ck.path), "step": ck.step},
+            model_folder=ck.meta.get("model_folder"),
             dataset={"name": ds.name, "split": ds.split, "num_examples": n,
                      "shape": list(ds.shape), "num_dims": ds.num_dims,
                      "num_levels": ds.num_levels, "info": ds.info},
