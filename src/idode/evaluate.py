@@ -98,7 +98,20 @@ def _load(checkpoint, ema: bool, device: str, split: str, data_root, max_example
     ckpt_dir = find_checkpoint(checkpoint).resolve()
     env, dev = setup(device, key="--device")
     model, ck = load_model(ckpt_dir, ema=ema, device=dev)
-    ds = dataset_from_config(ck.config.data, split, root=data_root, max_examples=max_examples)
+    data = ck.config.data
+    if data_root is not None and data.name == "npz":
+        data = replace(data, path=None)  # --data-root FILE.npz replaces the stored data.path
+    try:
+        ds = dataset_from_config(data, split, root=data_root, max_examples=max_examples)
+    except FileNotFoundError as e:
+        if data_root is not None:
+            raise
+        stored = data.path if data.name == "npz" else data.root
+        raise FileNotFoundError(
+            f"{e} [the checkpoint {ck.path} was trained on data at {stored}; if the data is "
+            f"elsewhere now, pass its location with `idode eval --data-root "
+            f"{'FILE.npz' if data.name == 'npz' else 'DIR'}`]"
+        ) from None
     if tuple(ds.shape) != tuple(ck.data_shape) or ds.num_levels != ck.num_levels:
         raise ConfigError(
             f"{ds.name}/{split} has images {ds.shape} with {ds.num_levels} levels, but the "
