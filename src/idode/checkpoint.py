@@ -37,6 +37,7 @@ __all__ = [
     "LoadedCheckpoint",
     "build_model",  # re-exported from idode.model
     "checkpoint_candidates",
+    "config_differences",
     "find_checkpoint",
     "load_checkpoint",
     "load_model",
@@ -389,8 +390,8 @@ def _setting_hint(saved: Config, now: Config | None) -> str:
     diff = config_differences(saved, now) if now is not None else []
     if diff:
         return (
-            f"most likely because {'; '.join(diff[:3])} differ(s): use the checkpoint's settings "
-            f"(drop those --set overrides)"
+            f"the likely cause, settings that differ from the checkpoint's: {'; '.join(diff[:3])} "
+            f"(use the checkpoint's values: drop those --set overrides)"
         )
     return "build the model from the checkpoint's own config (idode.checkpoint.load_model)"
 

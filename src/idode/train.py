@@ -282,8 +282,8 @@ def _restore(run: _Run, ck: LoadedCheckpoint, resume: bool) -> None:
             f"checkpoint {ck.path} was trained on images {list(ck.data_shape)} with "
             f"{ck.num_levels} levels, but this run's data has {list(run.shape)} with "
             f"{run.num_levels}; "
-            + (f"{'; '.join(diff)} differ(s): " if diff else "")
-            + "train on the checkpoint's dataset"
+            + (f"settings that differ: {'; '.join(diff)}; " if diff else "")
+            + "use the checkpoint's dataset"
         )
     ck.load_into(run.model, "model", run.cfg)
     ck.load_into(run.ema, "ema", run.cfg)
