@@ -473,6 +473,8 @@ def train(
             while run.step < end:
                 stats, lr, grad_norm = _optimizer_step(run, batches)
                 step = run.step
+                if not env.distributed:  # one process: a signal during this step counts too
+                    run.stopping = run.stop.received
                 if step % t.log_every == 0 or step == end or run.stopping:
                     now = time.perf_counter()
                     rate, tic, tic_step = (step - tic_step) / max(now - tic, 1e-9), now, step
