@@ -67,7 +67,8 @@ def _train(args: argparse.Namespace, cfg, **kw) -> int:
             **kw,
         )
     except TrainingStopped as e:
-        print(f"idode {args.command}: {e}", file=sys.stderr, flush=True)
+        if e.checkpoint is not None:  # rank 0 of a multi-process run says it once
+            print(f"idode {args.command}: {e}", file=sys.stderr, flush=True)
         return 128 + e.signum
     _done(res)
     return 0
