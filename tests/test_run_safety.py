@@ -335,3 +335,15 @@ def test_relative_data_path_is_stored_absolute_and_eval_names_data_root(tmp_path
         evaluate(tmp_path / "run", tmp_path / "e2", **FAST_EVAL)
     res = evaluate(tmp_path / "run", tmp_path / "e3", data_root=str(moved), **FAST_EVAL)
     assert res["bpd"]["n"] == 2
+
+
+def test_eval_out_naming_a_file_is_refused_and_the_file_kept(tmp_path):
+    from idode.evaluate import EvalSettingsError
+
+    run = tmp_path / "run"
+    train(_cfg("train.steps=1"), run, progress=False)
+    note = tmp_path / "notes.txt"
+    note.write_text("mine")
+    with pytest.raises(EvalSettingsError, match=r"notes.txt is a file; name a directory"):
+        evaluate(run, note, **FAST_EVAL)
+    assert note.read_text() == "mine"

@@ -40,7 +40,14 @@ from idode.dequantization import Dequantization
 from idode.distributed import broadcast, progress_bar, setup
 from idode.likelihood import Divergence, bits_per_dim, elbo
 from idode.rng import example_generators
-from idode.rundir import append_jsonl, jsonable, truncate_partial_line, write_json_atomic
+from idode.rundir import (
+    append_jsonl,
+    jsonable,
+    read_jsonl,
+    truncate_partial_line,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 
 __all__ = [
     "EvalSettingsError",
@@ -352,6 +359,8 @@ def _evaluate_batch(
 
 def _prepare_out_dir(out: Path, fingerprint: dict, overwrite: bool) -> str | None:
     """Start or resume ``out``; an error message if it holds results of other settings."""
+    if out.exists() and not out.is_dir():
+        return f"the output directory {out} is a file; name a directory (or leave --out out)"
     out.mkdir(parents=True, exist_ok=True)
     path = out / SETTINGS_FILE
     if path.exists() and not overwrite:
@@ -398,14 +407,9 @@ def read_per_example(out_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
     """
     rows: dict[int, dict[str, Any]] = {}
     for p in _example_files(Path(out_dir)):
-        with open(p) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(row, dict) and all(k in row for k in _ROW_KEYS):
-                    rows.setdefault(int(row["index"]), row)
+        for row in read_jsonl(p):
+            if all(k in row for k in _ROW_KEYS):
+                rows.setdefault(int(row["index"]), row)
     return rows
 
 
@@ -416,12 +420,7 @@ def _merge(out: Path, n: int) -> list[dict[str, Any]]:
     if missing:
         raise RuntimeError(f"evaluation incomplete: no result for examples {missing[:10]} in {out}")
     rank_files = sorted(out.glob("per_example.rank*.jsonl"))
-    tmp = out / f".{EXAMPLES_FILE}.tmp"
-    with open(tmp, "w") as f:
-        f.write("".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / EXAMPLES_FILE)
+    write_jsonl_atomic(out / EXAMPLES_FILE, [done[i] for i in sorted(done)])
     for p in rank_files:  # now in per_example.jsonl
         p.unlink()
     return [done[i] for i in range(n)]

@@ -496,6 +496,8 @@ def train(
                     )
                     last.update(ev)
                     log.write(step, **ev)
+                    if not env.distributed:  # a signal during a long evaluation stops here
+                        run.stopping = run.stop.received
                 if step % t.checkpoint_every == 0 or step == end or run.stopping:
                     run.last_ckpt = _checkpoint(run, last) or run.last_ckpt
                 if run.stopping and run.step < end:
