@@ -188,6 +188,12 @@ def cmd_ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+_STOP_NOTE = (
+    "SIGINT (Ctrl-C) or SIGTERM ends the current step, writes a checkpoint and exits with code "
+    "130 or 143 (128 + signal); --resume continues exactly."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from idode.config import PRESETS
     from idode.dequantization import DEQUANTIZATIONS
@@ -203,7 +209,11 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    t = sub.add_parser("train", help="first-order training (velocity + likelihood weighting + IS)")
+    t = sub.add_parser(
+        "train",
+        help="first-order training (velocity + likelihood weighting + IS)",
+        description="First-order training. " + _STOP_NOTE,
+    )
     t.add_argument("--config", help=f"preset ({', '.join(PRESETS)}) or a config JSON file")
     t.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.steps=1000"
@@ -219,7 +229,11 @@ def build_parser() -> argparse.ArgumentParser:
     common(t)
     t.set_defaults(fn=cmd_train)
 
-    f = sub.add_parser("finetune", help="second-order flow-matching finetuning of a checkpoint")
+    f = sub.add_parser(
+        "finetune",
+        help="second-order flow-matching finetuning of a checkpoint",
+        description="Second-order finetuning of a checkpoint into a new run. " + _STOP_NOTE,
+    )
     f.add_argument("--from", dest="source", required=True, help="checkpoint or run directory")
     f.add_argument("--out", required=True, help="run directory of the finetuned model")
     f.add_argument("--steps", type=int, default=1000, help="extra optimizer steps (default 1000)")
