@@ -1,7 +1,7 @@
 """The ``idode`` command line: parse -> config -> call. Also ``python -m idode``.
 
-idode train    --config PRESET|FILE.json [--set key=value ...] --out RUN_DIR [--resume]
-idode finetune --from RUN_DIR/checkpoint --out RUN_DIR2 [--steps N] [--weight 0.1]
+idode train    --config PRESET|FILE.json [--set key=value ...] --out RUN_DIR [--resume|--overwrite]
+idode finetune --from RUN_DIR/checkpoint --out RUN_DIR2 [--steps N] [--weight 0.1] [--resume]
 idode eval     --checkpoint CKPT [--dequantization ...] [--num-samples K] [--out DIR]
 idode eval     --checkpoint DIFFUSERS_DIR --data NAME [--set data.root=DIR]
 idode sample   --checkpoint CKPT -n 64 [--out PREFIX]
@@ -13,6 +13,11 @@ idode convert  CKPT.flax --config PRESET [--set key=value ...] --out DIR
 Exit status: 0 done; 2 a user error, told in one line ``idode: error: <problem>: <fix>``; 130
 interrupted; 141 the reader of stdout went away (``| head``). A traceback means a bug (or
 IDODE_DEBUG=1, which shows one for every error).
+
+train and finetune stop cleanly on SIGINT (Ctrl-C) or SIGTERM (what cluster schedulers send
+before killing a job): the current step ends, a checkpoint is written, one line says where, and
+the exit code is 128 + the signal number (130 for SIGINT, 143 for SIGTERM), so a scheduler sees
+an unfinished job; ``--resume`` then continues exactly.
 """
 
 from __future__ import annotations
@@ -41,42 +46,71 @@ def _load_config(spec: str, overrides: list[str] | None):
                 f"--config {spec!r} is neither a preset ({', '.join(PRESETS)}) nor a JSON file"
             )
         try:
-            cfg = config_from_dict(json.loads(path.read_text()))
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+            obj = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--config {path} is not valid JSON: {e}") from None
+        if not isinstance(obj, dict):
+            raise ConfigError(f"--config {path} must hold a JSON object of config sections")
+        cfg = config_from_dict(obj)
     return apply_overrides(cfg, overrides)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from idode.checkpoint import load_checkpoint
-    from idode.config import apply_overrides, dumps
-    from idode.train import train
+def _run_guards(args: argparse.Namespace) -> None:
+    from idode.config import ConfigError
 
-    if args.resume:
-        ck = load_checkpoint(args.out)
-        cfg = apply_overrides(ck.config, args.set)
-    else:
-        if args.config is None:
-            raise SystemExit("idode train: --config PRESET|FILE is required (or --resume)")
-        cfg = _load_config(args.config, args.set)
-        if not args.dry_run and (Path(args.out) / "checkpoint").exists():
-            raise SystemExit(
-                f"idode train: {args.out} already holds a run; use --resume to continue it or "
-                f"choose another --out"
-            )
-    if args.dry_run:
-        print(dumps(cfg))
-        return 0
-    res = train(cfg, args.out, resume=args.resume, progress=not args.no_progress)
+    if args.resume and args.overwrite:
+        raise ConfigError(
+            "--resume continues the run in --out and --overwrite discards it: pass one of them"
+        )
+
+
+def _train(args: argparse.Namespace, cfg, **kw) -> int:
+    """train(); a SIGINT/SIGTERM stop is one line on stderr and exit code 128 + signal."""
+    from idode.train import TrainingStopped, train
+
+    try:
+        res = train(
+            cfg,
+            args.out,
+            resume=args.resume,
+            overwrite=args.overwrite,
+            progress=not args.no_progress,
+            **kw,
+        )
+    except TrainingStopped as e:
+        if e.checkpoint is not None:  # rank 0 of a multi-process run says it once
+            print(f"idode {args.command}: {e}", file=sys.stderr, flush=True)
+        return 128 + e.signum
     _done(res)
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from idode.checkpoint import load_newest_intact
+    from idode.config import ConfigError, apply_overrides, dumps
+
+    _run_guards(args)
+    if args.resume:
+        ck, _ = load_newest_intact(args.out)  # train() names a damaged newer checkpoint
+        cfg = apply_overrides(ck.config, args.set)
+    else:
+        if args.config is None:
+            raise ConfigError("--config PRESET|FILE is required (or --resume to continue --out)")
+        cfg = _load_config(args.config, args.set)
+    if args.dry_run:
+        print(dumps(cfg))
+        return 0
+    return _train(args, cfg)
+
+
 def cmd_finetune(args: argparse.Namespace) -> int:
     from idode.checkpoint import load_checkpoint
-    from idode.config import apply_overrides, dumps
-    from idode.train import finetune_config, train
+    from idode.config import ConfigError, apply_overrides, dumps
+    from idode.train import finetune_config
 
+    _run_guards(args)
+    if args.steps < 1:
+        raise ConfigError(f"--steps must be a positive number of extra steps, got {args.steps}")
     ck = load_checkpoint(args.source)
     cfg = finetune_config(ck.config, ck.step, args.steps, args.weight)
     cfg = apply_overrides(cfg, args.set)
@@ -85,12 +119,9 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         return 0
     print(
         f"finetuning {ck.path} (step {ck.step}) with the second-order term, lambda_2="
-        f"{cfg.train.second_order_weight}, to step {cfg.train.steps}",
-        file=sys.stderr,
+        f"{cfg.train.second_order_weight}, to step {cfg.train.steps}"
     )
-    res = train(cfg, args.out, init_from=ck.path, resume=args.resume, progress=not args.no_progress)
-    _done(res)
-    return 0
+    return _train(args, cfg, init_from=ck.path)
 
 
 def _done(res) -> None:
@@ -275,6 +306,12 @@ OUT_PREFIX = _arg_type("out_prefix", lambda t: _out_path(t, False))
 DEVICE = _arg_type("device", _device)
 
 
+_STOP_NOTE = (
+    "SIGINT (Ctrl-C) or SIGTERM ends the current step, writes a checkpoint and exits with code "
+    "130 or 143 (128 + signal); --resume continues exactly."
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from idode.config import PRESETS
     from idode.data import DATASETS, SPLITS
@@ -291,18 +328,31 @@ def build_parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    t = sub.add_parser("train", help="first-order training (velocity + likelihood weighting + IS)")
+    t = sub.add_parser(
+        "train",
+        help="first-order training (velocity + likelihood weighting + IS)",
+        description="First-order training. " + _STOP_NOTE,
+    )
     t.add_argument("--config", help=f"preset ({', '.join(PRESETS)}) or a config JSON file")
     t.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override, e.g. train.steps=1000"
     )
     t.add_argument("--out", required=True, type=OUT_DIR, help="run directory")
     t.add_argument("--resume", action="store_true", help="continue the run in --out")
+    t.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="discard an earlier run in --out (checkpoints, metrics, tb/, config.json)",
+    )
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     common(t)
     t.set_defaults(fn=cmd_train)
 
-    f = sub.add_parser("finetune", help="second-order flow-matching finetuning of a checkpoint")
+    f = sub.add_parser(
+        "finetune",
+        help="second-order flow-matching finetuning of a checkpoint",
+        description="Second-order finetuning of a checkpoint into a new run. " + _STOP_NOTE,
+    )
     f.add_argument("--from", dest="source", required=True, help="checkpoint or run directory")
     f.add_argument(
         "--out", required=True, type=OUT_DIR, help="run directory of the finetuned model"
@@ -313,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--weight", type=NON_NEGATIVE_FLOAT, default=0.1, help="lambda_2 (default 0.1)")
     f.add_argument("--set", action="append", metavar="KEY=VALUE")
     f.add_argument("--resume", action="store_true", help="continue an interrupted finetuning")
+    f.add_argument("--overwrite", action="store_true", help="discard an earlier run in --out")
     f.add_argument("--dry-run", action="store_true")
     common(f)
     f.set_defaults(fn=cmd_finetune)

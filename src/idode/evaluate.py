@@ -40,7 +40,14 @@ from idode.dequantization import Dequantization
 from idode.distributed import broadcast, progress_bar, setup
 from idode.likelihood import Divergence, bits_per_dim, elbo
 from idode.rng import example_generators
-from idode.rundir import append_jsonl, jsonable, truncate_partial_line, write_json_atomic
+from idode.rundir import (
+    append_jsonl,
+    jsonable,
+    read_jsonl,
+    truncate_partial_line,
+    write_json_atomic,
+    write_jsonl_atomic,
+)
 from idode.stats import summarize as summarize_values
 from idode.validation import check_choice
 
@@ -72,7 +79,7 @@ def resolve_settings(cfg: Config, **flags: Any) -> tuple[EvalConfig, dict[str, s
         raise TypeError(f"unknown evaluation setting(s) {sorted(unknown)}; valid: {EVAL_FLAGS}")
     given = {k: v for k, v in flags.items() if v is not None}
     ev = replace(cfg.eval, **given)
-    replace(cfg, eval=ev).validate()  # one ConfigError naming eval.<knob>
+    replace(Config(), eval=ev).validate()  # one ConfigError naming eval.<knob>
     return ev, {k: "argument" if k in given else "checkpoint" for k in EVAL_FLAGS}
 
 
@@ -108,8 +115,10 @@ def _load(checkpoint, ema: bool, device: str, split: str, data_root, max_example
     else:
         model, ck = load_model(find_checkpoint(checkpoint).resolve(), ema=ema, device=dev)
         data_cfg = _eval_data_config(ck.config.data, data, overrides)
+        if data_root is not None and data_cfg.name == "npz":
+            data_cfg = replace(data_cfg, path=None)  # --data-root FILE.npz replaces data.path
         ck = replace(ck, config=replace(ck.config, data=data_cfg))
-    ds = dataset_from_config(ck.config.data, split, root=data_root, max_examples=max_examples)
+    ds = _dataset(ck, split, data_root, max_examples)
     if "model_folder" in ck.meta:
         _check_folder_data(ck.meta["model_folder"], ds)
         ck = replace(ck, data_shape=tuple(ds.shape), num_levels=ds.num_levels)
@@ -120,6 +129,22 @@ def _load(checkpoint, ema: bool, device: str, split: str, data_root, max_example
             f"{ck.num_levels} levels"
         )
     return env, dev, model, ck, ds
+
+
+def _dataset(ck: LoadedCheckpoint, split: str, data_root: str | None, max_examples: int | None):
+    """The split of the record's dataset; a missing one names ``idode eval --data-root``."""
+    data = ck.config.data
+    try:
+        return dataset_from_config(data, split, root=data_root, max_examples=max_examples)
+    except FileNotFoundError as e:
+        if data_root is not None or "model_folder" in ck.meta:
+            raise
+        stored = data.path if data.name == "npz" else data.root
+        raise FileNotFoundError(
+            f"{e} [the checkpoint {ck.path} was trained on data at {stored}; if the data is "
+            f"elsewhere now, pass its location with `idode eval --data-root "
+            f"{'FILE.npz' if data.name == 'npz' else 'DIR'}`]"
+        ) from None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -405,6 +430,8 @@ def _evaluate_batch(
 
 def _prepare_out_dir(out: Path, fingerprint: dict, overwrite: bool) -> str | None:
     """Start or resume ``out``; an error message if it holds results of other settings."""
+    if out.exists() and not out.is_dir():
+        return f"the output directory {out} is a file; name a directory (or leave --out out)"
     out.mkdir(parents=True, exist_ok=True)
     path = out / SETTINGS_FILE
     if path.exists() and not overwrite:
@@ -451,14 +478,9 @@ def read_per_example(out_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
     """
     rows: dict[int, dict[str, Any]] = {}
     for p in _example_files(Path(out_dir)):
-        with open(p) as f:
-            for line in f:
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(row, dict) and all(k in row for k in _ROW_KEYS):
-                    rows.setdefault(int(row["index"]), row)
+        for row in read_jsonl(p):
+            if all(k in row for k in _ROW_KEYS):
+                rows.setdefault(int(row["index"]), row)
     return rows
 
 
@@ -469,12 +491,7 @@ def _merge(out: Path, n: int) -> list[dict[str, Any]]:
     if missing:
         raise RuntimeError(f"evaluation incomplete: no result for examples {missing[:10]} in {out}")
     rank_files = sorted(out.glob("per_example.rank*.jsonl"))
-    tmp = out / f".{EXAMPLES_FILE}.tmp"
-    with open(tmp, "w") as f:
-        f.write("".join(json.dumps(done[i]) + "\n" for i in sorted(done)))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / EXAMPLES_FILE)
+    write_jsonl_atomic(out / EXAMPLES_FILE, [done[i] for i in sorted(done)])
     for p in rank_files:  # now in per_example.jsonl
         p.unlink()
     return [done[i] for i in range(n)]

@@ -24,6 +24,7 @@ __all__ = [
     "read_metrics",
     "truncate_partial_line",
     "write_json_atomic",
+    "write_jsonl_atomic",
 ]
 
 
@@ -113,6 +114,21 @@ def append_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Non
         os.fsync(f.fileno())
 
 
+def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
+    """Replace a JSON-lines file by ``rows``: complete or not at all (temporary file, rename)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write("".join(json.dumps(jsonable(r)) + "\n" for r in rows))
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
     """The complete JSON-object lines of a file (a line cut by a kill is skipped); [] if absent."""
     path = Path(path)
@@ -150,7 +166,14 @@ class MetricsLog:
 
     FILE = "metrics.jsonl"
 
-    def __init__(self, run_dir: str | os.PathLike, enabled: bool, tensorboard: bool = True) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        enabled: bool,
+        tensorboard: bool = True,
+        purge_step: int | None = None,
+    ) -> None:
+        """purge_step: TensorBoard drops earlier events at steps >= it (a resumed run's redo)."""
         self.enabled = enabled
         self.path = Path(run_dir) / self.FILE
         self.tb = None
@@ -158,7 +181,7 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(Path(run_dir) / "tb"))
+                self.tb = SummaryWriter(str(Path(run_dir) / "tb"), purge_step=purge_step)
             except ImportError:  # tensorboard is a dependency, but keep training without it
                 self.tb = None
 

@@ -5,6 +5,11 @@ DistributedDataParallel (NCCL on GPU, Gloo on CPU). Optimizer: AdamW(0.9, 0.99, 
 decoupled weight decay on every parameter not named *bias, linear warm-up from 1e-8, EMA of the
 weights after every optimizer step (method.md §8.2). The loss is the per-example objective of
 ``idode.losses`` averaged over the batch and divided by d ln 2 (bits/dim, §3.3).
+
+Run safety (``idode.runguard``): a fresh start into an earlier run's folder is refused unless
+``overwrite``; a resume falls back past a damaged newest checkpoint (saying so), drops the
+metrics rows of the redone steps, and removes interrupted checkpoint writes; SIGINT / SIGTERM end
+the current step, write a checkpoint and raise ``TrainingStopped``.
 """
 
 from __future__ import annotations
@@ -13,6 +18,8 @@ import contextlib
 import copy
 import math
 import os
+import signal
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -21,24 +28,44 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from idode.checkpoint import LoadedCheckpoint, find_checkpoint, load_checkpoint, save_checkpoint
+from idode.checkpoint import (
+    CheckpointError,
+    LoadedCheckpoint,
+    config_differences,
+    find_checkpoint,
+    load_checkpoint,
+    load_newest_intact,
+    save_checkpoint,
+)
 from idode.config import Config, ConfigError, dumps
 from idode.data import augment_batch, dataset_from_config, held_out_subset, make_loader
 from idode.dequantization import bin_centers, nats_to_bits_per_dim
-from idode.distributed import DistEnv, all_gather, dist_env, progress_bar, setup
+from idode.distributed import DistEnv, all_gather, broadcast, dist_env, progress_bar, setup
 from idode.likelihood import bits_per_dim, elbo
 from idode.losses import diffusion_loss_terms
 from idode.model import build_model
 from idode.parameterization import DiffusionODE
 from idode.rng import example_generators, stream_seed
 from idode.rundir import MetricsLog, jsonable
+from idode.runguard import StopSignals, absolute_data_paths, prepare_run_dir, trim_metrics
 from idode.solvers import nfe_of_steps
 
-__all__ = ["TrainingDiverged", "TrainResult", "train", "DistEnv", "dist_env"]
+__all__ = ["TrainingDiverged", "TrainingStopped", "TrainResult", "train", "DistEnv", "dist_env"]
 
 
 class TrainingDiverged(RuntimeError):
     """The loss became NaN or inf."""
+
+
+class TrainingStopped(RuntimeError):
+    """SIGINT or SIGTERM stopped training after writing a checkpoint; resume continues exactly."""
+
+    def __init__(self, signum: int, step: int, checkpoint: Path | None) -> None:
+        self.signum, self.step, self.checkpoint = int(signum), int(step), checkpoint
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint {checkpoint}; "
+            f"continue with --resume"
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -185,11 +212,12 @@ class _Run:
     gen: torch.Generator  # all training noise of this rank
     step: int = 0
     last_ckpt: Path | None = None
+    stop: StopSignals | None = None  # SIGINT / SIGTERM seen by this rank
+    stopping: int = 0  # the signal every rank agreed to stop on at the last step (0: none)
 
 
-def _setup(cfg: Config, run_dir: Path) -> _Run:
-    """Process group, device, data, model, EMA and optimizer of a fresh run (step 0)."""
-    env, device = setup(cfg.train.device)
+def _setup(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device) -> _Run:
+    """Data, model, EMA and optimizer of a fresh run (step 0) on a set-up process group."""
     t, dc = cfg.train, cfg.data
     if t.precision == "bf16" and device.type != "cuda":
         raise ConfigError("train.precision=bf16 is for CUDA devices; use fp32 on the CPU")
@@ -248,8 +276,17 @@ def _setup(cfg: Config, run_dir: Path) -> _Run:
 
 def _restore(run: _Run, ck: LoadedCheckpoint, resume: bool) -> None:
     """Weights, EMA, optimizer and step from ``ck``; with ``resume`` also data position and RNG."""
-    ck.load_into(run.model, "model")
-    ck.load_into(run.ema, "ema")
+    if tuple(ck.data_shape) != tuple(run.shape) or ck.num_levels != run.num_levels:
+        diff = config_differences(ck.config, run.cfg, ("data",))
+        raise CheckpointError(
+            f"checkpoint {ck.path} was trained on images {list(ck.data_shape)} with "
+            f"{ck.num_levels} levels, but this run's data has {list(run.shape)} with "
+            f"{run.num_levels}; "
+            + (f"settings that differ: {'; '.join(diff)}; " if diff else "")
+            + "use the checkpoint's dataset"
+        )
+    ck.load_into(run.model, "model", run.cfg)
+    ck.load_into(run.ema, "ema", run.cfg)
     if resume or not ck.meta["extra"].get("converted_from"):
         ck.load_optimizer(run.optimizer)
     # else: a converted official checkpoint has no optimizer state: fresh AdamW moments
@@ -309,9 +346,13 @@ def _optimizer_step(run: _Run, batches: Iterator[Tensor]) -> tuple[Tensor, float
         )
         stats += torch.stack([p.detach() for p in parts])
     stats /= t.grad_accum
-    if env.distributed:
-        torch.distributed.all_reduce(stats)
-        stats /= env.world_size
+    signum = run.stop.received if run.stop is not None else 0
+    run.stopping = signum
+    if env.distributed:  # every rank learns whether any rank got a signal, in the same reduce
+        flags = torch.cat([stats, torch.tensor([float(signum > 0)], device=dev)])
+        torch.distributed.all_reduce(flags)
+        stats = flags[:3] / env.world_size
+        run.stopping = (signum or signal.SIGTERM) if float(flags[3]) > 0 else 0
     if not math.isfinite(float(stats[0])):
         where = str(run.last_ckpt) if run.last_ckpt else "none yet"
         raise TrainingDiverged(
@@ -355,6 +396,41 @@ def _checkpoint(run: _Run, metrics: dict[str, float]) -> Path | None:
     return path
 
 
+def _begin(
+    cfg: Config, run_dir: Path, resume: bool, init_from, overwrite: bool
+) -> tuple[_Run, LoadedCheckpoint | None]:
+    """Check the run folder (rank 0), load the checkpoint to start from, set up the run."""
+    env, device = setup(cfg.train.device)
+    err = None
+    if env.is_main:
+        try:
+            prepare_run_dir(run_dir, resume=resume, init_from=init_from, overwrite=overwrite)
+        except ConfigError as e:
+            err = e
+    err = broadcast(err, env)  # every rank raises rank 0's verdict together
+    if err is not None:
+        raise err
+    ck = None
+    if resume:
+        ck, refused = load_newest_intact(run_dir)
+        for bad, why in refused if env.is_main else []:
+            print(
+                f"idode: warning: not resuming from {bad}: {why}\n"
+                f"idode: warning: resuming from the newest intact checkpoint, {ck.path} "
+                f"(step {ck.step})",
+                file=sys.stderr,
+                flush=True,
+            )
+    elif init_from is not None:
+        ck = load_checkpoint(find_checkpoint(init_from))
+    run = _setup(cfg, run_dir, env, device)
+    if ck is not None:
+        _restore(run, ck, resume)
+    if resume and env.is_main:
+        trim_metrics(run_dir, ck.step)  # the steps after the checkpoint are redone
+    return run, ck
+
+
 def train(
     cfg: Config,
     run_dir: str | os.PathLike,
@@ -363,58 +439,71 @@ def train(
     init_from: str | os.PathLike | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train (or finetune) per ``cfg`` into ``run_dir``.
 
-    resume: continue from ``run_dir``'s newest checkpoint (weights, EMA, optimizer, step, RNG and
-        data position), reproducing the uninterrupted run.
+    resume: continue from ``run_dir``'s newest intact checkpoint (weights, EMA, optimizer, step,
+        RNG and data position), reproducing the uninterrupted run; a damaged newer checkpoint is
+        named on stderr and skipped.
     init_from: start from another run's checkpoint, restoring weights, EMA, optimizer and step
         (second-order finetuning, method.md §5.3).
     stop_after: end after this many optimizer steps in this call (checkpointing there), as if
         the run were interrupted; for tests and time-boxed jobs.
+    overwrite: a fresh start (no ``resume``) into a folder holding an earlier run deletes that
+        run's files (checkpoints, metrics, TensorBoard, config) instead of refusing.
+
+    SIGINT / SIGTERM (in the main thread) end the current step, write a checkpoint and raise
+    ``TrainingStopped``; a second signal acts at once. ``data.root`` and ``data.path`` are
+    stored absolute.
     """
-    cfg = cfg.validate()
-    run = _setup(cfg, Path(run_dir))
-    source = run_dir if resume else init_from
-    if source is not None:
-        _restore(run, load_checkpoint(find_checkpoint(source)), resume)
+    cfg = absolute_data_paths(cfg.validate())
+    run, ck = _begin(cfg, Path(run_dir), resume, init_from, overwrite)
     t, env = cfg.train, run.env
     if env.is_main:
         (run.run_dir / "config.json").write_text(dumps(cfg) + "\n")
-    log = MetricsLog(run.run_dir, env.is_main)
+    log = MetricsLog(run.run_dir, env.is_main, purge_step=ck.step + 1 if resume else None)
     bar = progress_bar(t.steps, "train", env=env, initial=run.step, enabled=progress)
     last: dict[str, float] = {}
     end = t.steps if stop_after is None else min(t.steps, run.step + stop_after)
     batches = iter(run.loader)
     tic, tic_step = time.perf_counter(), run.step
     run.model.train()
+    run.stop = StopSignals(announce=env.is_main)
     try:
-        while run.step < end:
-            stats, lr, grad_norm = _optimizer_step(run, batches)
-            step = run.step
-            if step % t.log_every == 0 or step == end:
-                now = time.perf_counter()
-                rate, tic, tic_step = (step - tic_step) / max(now - tic, 1e-9), now, step
-                names = ("train/loss_bpd", "train/first_order_bpd", "train/second_order_bpd")
-                last = dict(zip(names, stats.tolist(), strict=True))
-                last.update(
-                    {"train/grad_norm": grad_norm, "train/lr": lr, "train/steps_per_s": rate}
-                )
-                log.write(step, **last)
+        with run.stop.active():
+            while run.step < end:
+                stats, lr, grad_norm = _optimizer_step(run, batches)
+                step = run.step
+                if not env.distributed:  # one process: a signal during this step counts too
+                    run.stopping = run.stop.received
+                if step % t.log_every == 0 or step == end or run.stopping:
+                    now = time.perf_counter()
+                    rate, tic, tic_step = (step - tic_step) / max(now - tic, 1e-9), now, step
+                    names = ("train/loss_bpd", "train/first_order_bpd", "train/second_order_bpd")
+                    last = dict(zip(names, stats.tolist(), strict=True))
+                    last.update(
+                        {"train/grad_norm": grad_norm, "train/lr": lr, "train/steps_per_s": rate}
+                    )
+                    log.write(step, **last)
+                    if bar is not None:
+                        bar.set_postfix(loss_bpd=f"{last['train/loss_bpd']:.3f}", refresh=False)
                 if bar is not None:
-                    bar.set_postfix(loss_bpd=f"{last['train/loss_bpd']:.3f}", refresh=False)
-            if bar is not None:
-                bar.update(1)
-            want_sde = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps)
-            want_ode = t.ode_eval_every > 0 and (step % t.ode_eval_every == 0 or step == t.steps)
-            if want_sde or want_ode:
-                ev = periodic_eval(
-                    run.ema, run.x_eval, run.num_levels, cfg, ode=want_ode, step=step, env=env
-                )
-                last.update(ev)
-                log.write(step, **ev)
-            if step % t.checkpoint_every == 0 or step == end:
-                run.last_ckpt = _checkpoint(run, last) or run.last_ckpt
+                    bar.update(1)
+                ev_sde = t.eval_every > 0 and (step % t.eval_every == 0 or step == t.steps)
+                ev_ode = t.ode_eval_every > 0 and (step % t.ode_eval_every == 0 or step == t.steps)
+                if (ev_sde or ev_ode) and not run.stopping:  # a stop skips to the checkpoint
+                    ev = periodic_eval(
+                        run.ema, run.x_eval, run.num_levels, cfg, ode=ev_ode, step=step, env=env
+                    )
+                    last.update(ev)
+                    log.write(step, **ev)
+                    if not env.distributed:  # a signal during a long evaluation stops here
+                        run.stopping = run.stop.received
+                if step % t.checkpoint_every == 0 or step == end or run.stopping:
+                    run.last_ckpt = _checkpoint(run, last) or run.last_ckpt
+                if run.stopping and run.step < end:
+                    raise TrainingStopped(run.stopping, run.step, run.last_ckpt)
     finally:
         if bar is not None:
             bar.close()

@@ -57,7 +57,7 @@ def run_demo(
         done = load_checkpoint(out).step
         res = train(cfg, out, resume=True, progress=progress) if done < steps else None
     else:
-        res = train(cfg, out, progress=progress)
+        res = train(cfg, out, progress=progress, overwrite=True)  # a run cut before its checkpoint
     t_train = time.time() - t0
     ckpt = out / "checkpoint"
 
