@@ -302,12 +302,12 @@ def test_closed_pipe_gives_no_traceback(tmp_path: Path) -> None:
 def test_interrupt_is_one_line(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import idode.cli
+    import idode.cli.commands
 
     def interrupted(args):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(idode.cli, "cmd_demo", interrupted)
+    monkeypatch.setattr(idode.cli.commands, "cmd_demo", interrupted)
     code, err = run_cli(["demo", "--out", "x"], capsys)
     assert code == 130 and err == "idode: interrupted\n"
 
@@ -315,12 +315,12 @@ def test_interrupt_is_one_line(
 def test_bugs_keep_their_traceback_and_debug_shows_all(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import idode.cli
+    import idode.cli.commands
 
     def bug(args):
         return 1 // 0
 
-    monkeypatch.setattr(idode.cli, "cmd_demo", bug)
+    monkeypatch.setattr(idode.cli.commands, "cmd_demo", bug)
     with pytest.raises(ZeroDivisionError):
         main(["demo", "--out", str(tmp_path / "d")])
     monkeypatch.setenv("IDODE_DEBUG", "1")
