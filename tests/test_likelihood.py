@@ -100,7 +100,9 @@ class _SmallNet(torch.nn.Module):
 
 def test_result_does_not_depend_on_batch_mates(schedule):
     d = 6
-    model = idode.DiffusionODE(_SmallNet(d), schedule, "velocity")
+    # a float64 network: batched float32 calls round differently, enough to flip a borderline
+    # step acceptance now and then (the result still agrees to the tolerance)
+    model = idode.DiffusionODE(_SmallNet(d).double(), schedule, "velocity")
     x = torch.rand(1, d, dtype=torch.float64) * 1.6 - 0.8
     mates_a = torch.cat([x, torch.full((2, d), 0.9, dtype=torch.float64)])
     mates_b = torch.cat([torch.randn(5, d, dtype=torch.float64).clamp(-1, 1), x])

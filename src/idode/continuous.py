@@ -33,7 +33,7 @@ from idode.nets.unet import first_order_input_gradients
 from idode.rng import Generators
 from idode.solvers import Jobs, SolverStats, nfe_of_steps, solve_stream
 
-__all__ = ["ExampleBPD", "bpd_columns", "iter_bits_per_dim"]
+__all__ = ["ExampleBPD", "bpd_columns", "iter_bits_per_dim", "stack_examples"]
 
 
 @dataclass
@@ -55,6 +55,11 @@ class ExampleBPD:
     def nfe(self) -> int:
         """Network evaluations this example needed, summed over its K draws."""
         return int(nfe_of_steps(self.steps).sum())
+
+
+def stack_examples(examples: list[ExampleBPD], name: str) -> Tensor:
+    """One per-draw field of several examples: [len(examples), K]."""
+    return torch.stack([getattr(e, name) for e in examples])
 
 
 def bpd_columns(

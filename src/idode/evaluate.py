@@ -27,6 +27,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,10 +36,12 @@ from torch import Tensor
 
 from idode.checkpoint import find_checkpoint, load_model
 from idode.config import ConfigError
+from idode.continuous import bpd_columns, iter_bits_per_dim, stack_examples
 from idode.data import load_dataset
-from idode.dequantization import DEQUANTIZATIONS
-from idode.likelihood import DIVERGENCES, bits_per_dim, elbo
+from idode.dequantization import DEQUANTIZATIONS, bits_per_dim_from_nats
+from idode.likelihood import DIVERGENCES, TOLERANCES, elbo
 from idode.rng import example_generators
+from idode.solvers import SolverStats
 from idode.train import DistEnv, dist_env, resolve_device
 
 __all__ = ["EvalSettingsError", "evaluate", "read_per_example", "summarize"]
@@ -64,6 +67,8 @@ def evaluate(
     atol: float = 1e-5,
     batch_size: int = 256,
     seed: int = 0,
+    tolerance: str = "logp",
+    logp_atol: float | None = None,
     max_examples: int | None = None,
     data_root: str | None = None,
     with_elbo: bool = True,
@@ -77,10 +82,14 @@ def evaluate(
     checkpoint: a checkpoint or run directory. out_dir: where the per-example results, the
     settings fingerprint and eval.json go; rerunning into the same out_dir resumes.
     max_examples: only the first N examples of the split. overwrite: discard earlier results in
-    out_dir instead of resuming (needed when the settings changed).
+    out_dir instead of resuming (needed when the settings changed). batch_size: rows per network
+    call; a row whose solve ends takes the next (example, draw) at once (continuous batching).
+    tolerance, logp_atol: the solver's error control (``likelihood.TOLERANCES``).
     """
     t0 = time.perf_counter()
     _check(dequantization, divergence, split, num_samples, batch_size, max_examples)
+    if tolerance not in TOLERANCES:
+        raise ConfigError(f"tolerance={tolerance!r} is not valid; choose one of {TOLERANCES}")
     ckpt_dir = find_checkpoint(checkpoint).resolve()
     dev_kind = (
         "cuda"
@@ -126,6 +135,8 @@ def evaluate(
         "analytic_entropy": True,
         "rtol": rtol,
         "atol": atol,
+        "tolerance": tolerance,
+        "logp_atol": logp_atol,
         "seed": seed,
         "with_elbo": with_elbo,
         "elbo": {"antithetic": False, "importance_sampling": True, "prior": "sigma_max"},
@@ -157,27 +168,28 @@ def evaluate(
             disable=os.environ.get("IDODE_NO_PROGRESS") == "1",
         )
     try:
-        for start in range(0, len(mine), batch_size):
-            todo = [i for i in mine[start : start + batch_size] if i not in done]
-            if not todo:
-                continue
-            rows = _evaluate_batch(
-                model,
-                x_all[todo].to(dev),
-                todo,
-                ds.num_levels,
-                dequantization=dequantization,
-                num_samples=num_samples,
-                importance_weighted=importance_weighted,
-                divergence=divergence,
-                rtol=rtol,
-                atol=atol,
-                seed=seed,
-                with_elbo=with_elbo,
-            )
+        stream = _evaluate_stream(
+            model,
+            x_all,
+            [i for i in mine if i not in done],
+            dev,
+            ds.num_levels,
+            dequantization=dequantization,
+            num_samples=num_samples,
+            importance_weighted=importance_weighted,
+            divergence=divergence,
+            rtol=rtol,
+            atol=atol,
+            tolerance=tolerance,
+            logp_atol=logp_atol,
+            batch_size=batch_size,
+            seed=seed,
+            with_elbo=with_elbo,
+        )
+        for rows in stream:  # examples as they finish: a kill loses only the running ones
             _append_rows(own, rows)
             if bar is not None:
-                bar.update(min(len(todo) * env.world_size, bar.total - bar.n))
+                bar.update(min(len(rows) * env.world_size, bar.total - bar.n))
     finally:
         if bar is not None:
             bar.close()
@@ -188,6 +200,7 @@ def evaluate(
         rows = _merge(out, n)
         result = summarize(rows, n, num_samples)
         result.update(
+            solver_error=_solver_error(rows),
             wall_seconds=time.perf_counter() - t0,
             settings={
                 **fingerprint,
@@ -234,10 +247,11 @@ def _elbo_generators(seed: int, indices: list[int], device: torch.device) -> lis
     return gens
 
 
-def _evaluate_batch(
+def _evaluate_stream(
     model,
-    x_int: Tensor,
+    x_all: Tensor,
     indices: list[int],
+    dev: torch.device,
     num_levels: int,
     *,
     dequantization: str,
@@ -246,69 +260,102 @@ def _evaluate_batch(
     divergence: str,
     rtol: float,
     atol: float,
+    tolerance: str,
+    logp_atol: float | None,
+    batch_size: int,
     seed: int,
     with_elbo: bool,
-) -> list[dict[str, Any]]:
-    """Per-example result rows of one batch (bits/dim, ODE steps and NFE, ELBO terms)."""
-    tic = time.perf_counter()
-    dev = x_int.device
-    res = bits_per_dim(
+) -> Iterator[list[dict[str, Any]]]:
+    """Per-example result rows (bits/dim, solver work and error, ELBO terms) as examples finish.
+
+    One continuous-batched pass over ``indices``: at most ``batch_size`` rows per network call.
+    """
+    if not indices:
+        return
+    x = x_all[indices].to(dev)
+    d = x[0].numel()
+    stats = SolverStats()
+    stream = iter_bits_per_dim(
         model,
-        x_int,
+        x,
         num_levels,
         dequantization,
         num_samples,
         divergence,
-        rtol,
-        atol,
-        importance_weighted=importance_weighted,
+        rtol=rtol,
+        atol=atol,
+        tolerance=tolerance,
+        logp_atol=logp_atol,
+        batch_size=batch_size,
         generator=example_generators(seed, indices, dev),
+        stats=stats,
     )
-    cols: dict[str, Tensor] = {
-        "bpd": res.bpd,
-        "bpd_mean_of_bounds": res.bpd_mean_of_bounds,
-        "bpd_importance_weighted": res.bpd_importance_weighted,
+    tic, calls = time.perf_counter(), 0
+    for group in stream:
+        pos = [e.index for e in group]
+        idx = [indices[j] for j in pos]
+        lp, dec, lq, err = (
+            stack_examples(group, k) for k in ("log_p_model", "log_decoder", "log_q", "logp_error")
+        )
+        elq = torch.tensor([e.expected_log_q for e in group], dtype=torch.float64)
+        cols = bpd_columns(lp, dec, lq, elq, d)
+        cols["bpd"] = cols[
+            "bpd_importance_weighted" if importance_weighted else "bpd_mean_of_bounds"
+        ]
+        cols["solver_error_bpd"] = bits_per_dim_from_nats(-err.mean(1), d)
+        if with_elbo:
+            e = elbo(
+                model,
+                x[torch.tensor(pos, device=dev)],
+                num_levels,
+                antithetic=False,
+                generator=_elbo_generators(seed, idx, dev),
+            )
+            cols.update(
+                elbo_bpd=e.bpd,
+                elbo_reconstruction_nats=e.reconstruction,
+                elbo_prior_kl_nats=e.prior_kl,
+                elbo_diffusion_nats=e.diffusion,
+            )
+        vals = {k: v.detach().double().cpu().tolist() for k, v in cols.items()}
+        bad = [i for j, i in enumerate(idx) if not all(math.isfinite(v[j]) for v in vals.values())]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite bits/dim for example(s) {bad[:10]} of this split (rtol={rtol}, "
+                f"atol={atol}); the checkpoint may be diverged"
+            )
+        now = time.perf_counter()
+        rows = []
+        for j, (i, ex) in enumerate(zip(idx, group, strict=True)):
+            row: dict[str, Any] = {"index": int(i)}
+            row.update({k: v[j] for k, v in vals.items()})
+            row.update(
+                steps=float(ex.steps.double().mean()),
+                steps_per_draw=ex.steps.tolist(),
+                nfe=ex.nfe,
+                log_p_model_nats=ex.log_p_model.tolist(),
+                logp_error_nats=ex.logp_error.tolist(),
+                # the network calls since the last group, shared by this group's examples
+                batch_nfe=stats.calls - calls,
+                batch_len=len(group),
+                seconds=(now - tic) / len(group),
+            )
+            rows.append(row)
+        tic, calls = now, stats.calls
+        yield rows
+
+
+def _solver_error(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The solver's own per-example error estimate of bits/dim: mean and largest."""
+    errs = [r["solver_error_bpd"] for r in rows if "solver_error_bpd" in r]
+    if not errs:
+        return None
+    return {
+        "bpd_mean": statistics.fmean(errs),
+        "bpd_max": max(errs),
+        "note": "per example: sum over solver steps of |local error estimate of log p|, "
+        "averaged over draws, in bits/dim",
     }
-    if with_elbo:
-        e = elbo(
-            model,
-            x_int,
-            num_levels,
-            antithetic=False,
-            generator=_elbo_generators(seed, indices, dev),
-        )
-        cols.update(
-            elbo_bpd=e.bpd,
-            elbo_reconstruction_nats=e.reconstruction,
-            elbo_prior_kl_nats=e.prior_kl,
-            elbo_diffusion_nats=e.diffusion,
-        )
-    vals = {k: v.detach().double().cpu().tolist() for k, v in cols.items()}
-    bad = [i for j, i in enumerate(indices) if not all(math.isfinite(v[j]) for v in vals.values())]
-    if bad:
-        raise FloatingPointError(
-            f"non-finite bits/dim for example(s) {bad[:10]} of this split (rtol={rtol}, "
-            f"atol={atol}); the checkpoint may be diverged"
-        )
-    steps = res.steps.detach().cpu().long()  # [B, K]
-    nfe = (6 * steps + 2).sum(1).tolist()  # per example, over its K solves (solvers.py)
-    log_p = res.log_p_model.detach().double().cpu().tolist()
-    seconds = (time.perf_counter() - tic) / len(indices)
-    rows = []
-    for j, i in enumerate(indices):
-        row: dict[str, Any] = {"index": int(i)}
-        row.update({k: v[j] for k, v in vals.items()})
-        row.update(
-            steps=float(steps[j].double().mean()),
-            steps_per_draw=steps[j].tolist(),
-            nfe=int(nfe[j]),
-            log_p_model_nats=log_p[j],
-            batch_nfe=int(res.nfe),
-            batch_len=len(indices),
-            seconds=seconds,
-        )
-        rows.append(row)
-    return rows
 
 
 # --------------------------------------------------------------------------------------------------

@@ -268,7 +268,7 @@ def bits_per_dim(
     generator per example (``rng.example_generators``) for results independent of batching.
     ``tolerance``/``logp_atol``: error control, see ``TOLERANCES`` (``"paper"`` = one RMS norm).
     """
-    from idode.continuous import bpd_columns, iter_bits_per_dim
+    from idode.continuous import bpd_columns, iter_bits_per_dim, stack_examples
 
     check_choice("dequantization", dequantization, DEQUANTIZATIONS)
     check_choice("divergence", divergence, DIVERGENCES)
@@ -308,7 +308,7 @@ def bits_per_dim(
     dev = x_int.device
 
     def stack(name: str) -> Tensor:
-        return torch.stack([getattr(e, name) for e in ex]).to(dev)
+        return stack_examples(ex, name).to(dev)
 
     lp, dec, lq, err = (stack(k) for k in ("log_p_model", "log_decoder", "log_q", "logp_error"))
     elq = torch.tensor([e.expected_log_q for e in ex], dtype=torch.float64, device=dev)
