@@ -336,10 +336,8 @@ def run_path(fx: Fixture, path: str, deq: str, batch: int, args) -> PathRun:
 def work_precision_lines(fx: Fixture, args) -> list[str]:
     d = fx.x[0].numel()
     lines = [f"### {fx.name}: {fx.about}", ""]
-    settings = [("paper", tol, None) for tol in (1e-3, 1e-4, 1e-5, 1e-6, 1e-7)]
-    settings += [
-        ("logp", tol, bpd_tol) for tol in (1e-3, 1e-4, 1e-5) for bpd_tol in (1e-3, 1e-4, 1e-5)
-    ]
+    settings = [("paper", tol, None) for tol in args.wp_paper]
+    settings += [("logp", tol, bpd_tol) for tol in args.wp_logp for bpd_tol in args.wp_logp_bpd]
     for deq in args.dequantizations:
         ref = reference(fx, deq, args.ref_tol, args.seed)
         lines += [
@@ -390,12 +388,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="CPU intra-op threads (1)")
     p.add_argument("--work-precision", action="store_true", help="the work-precision tables")
+    p.add_argument("--wp-paper", default="1e-4,1e-5,1e-6,3e-7,1e-7", help="paper rtol = atol")
+    p.add_argument("--wp-logp", default="1e-5,1e-6,3e-7,1e-7", help="logp rtol = atol")
+    p.add_argument("--wp-logp-bpd", default="1e-4,1e-5", help="logp_atol / (d ln 2) values")
     p.add_argument("--out", default=None, help="also write the output (markdown) here")
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.dequantizations = [m for m in args.dequantizations.split(",") if m]
     args.batches = [int(b) for b in args.batches.split(",") if b]
     args.paths = [m for m in args.paths.split(",") if m]
+    for key in ("wp_paper", "wp_logp", "wp_logp_bpd"):
+        setattr(args, key, [float(v) for v in getattr(args, key).split(",") if v])
     for m in args.paths:
         if m not in PATHS:
             p.error(f"unknown path {m!r}; valid: {', '.join(PATHS)}")

@@ -104,6 +104,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         atol=args.atol,
         batch_size=args.batch_size,
         seed=args.seed,
+        tolerance=args.tolerance,
+        logp_atol=args.logp_atol,
         max_examples=args.max_examples,
         data_root=args.data_root,
         with_elbo=not args.no_elbo,
@@ -207,7 +209,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     e.add_argument("--rtol", type=float, default=1e-5)
     e.add_argument("--atol", type=float, default=1e-5)
-    e.add_argument("--batch-size", type=int, default=256)
+    e.add_argument(
+        "--batch-size", type=int, default=256, help="rows per network call, refilled as they end"
+    )
+    e.add_argument(
+        "--tolerance",
+        default="logp",
+        choices=["logp", "paper"],
+        help="error control: logp = own test for the log-density; paper = one RMS norm",
+    )
+    e.add_argument("--logp-atol", type=float, default=None, help="log-density tolerance, nats")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--max-examples", type=int, default=None)
     e.add_argument("--data-root", default=None, help="override the dataset directory")
