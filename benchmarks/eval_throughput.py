@@ -273,9 +273,10 @@ def reference(fx: Fixture, deq: str, tol: float, seed: int, n: int | None = None
     return run.bpd
 
 
-def throughput_lines(fx: Fixture, args) -> list[str]:
+def throughput_lines(fx: Fixture, args, lines: list[str]) -> list[str]:
+    """Appends to ``lines`` (and saves them after every table: a long run keeps its output)."""
     n = len(fx.x)
-    lines = [f"### {fx.name}: {fx.about}", ""]
+    lines += [f"### {fx.name}: {fx.about}", ""]
     for deq in args.dequantizations:
         ref = reference(fx, deq, args.ref_tol, args.seed, args.ref_images)
         nr = len(ref)
@@ -309,6 +310,7 @@ def throughput_lines(fx: Fixture, args) -> list[str]:
                 print(f"  {fx.name} {deq} B={batch} {path}: {run.wall:.1f} s", file=sys.stderr,
                       flush=True)  # fmt: skip
             lines.append("")
+            save(args, lines)
         if len(per_batch) > 1:
             vals = list(per_batch.values())
             diff = max((v - vals[0]).abs().max().item() for v in vals[1:])
@@ -337,9 +339,9 @@ def run_path(fx: Fixture, path: str, deq: str, batch: int, args) -> PathRun:
     return _batch_paths(fx, deq, batch, args.tol, args.tol, args.seed, path)
 
 
-def work_precision_lines(fx: Fixture, args) -> list[str]:
+def work_precision_lines(fx: Fixture, args, lines: list[str]) -> list[str]:
     d = fx.x[0].numel()
-    lines = [f"### {fx.name}: {fx.about}", ""]
+    lines += [f"### {fx.name}: {fx.about}", ""]
     settings = [("paper", tol, None) for tol in args.wp_paper]
     settings += [("logp", tol, bpd_tol) for tol in args.wp_logp for bpd_tol in args.wp_logp_bpd]
     for deq in args.dequantizations:
@@ -369,6 +371,7 @@ def work_precision_lines(fx: Fixture, args) -> list[str]:
             print(f"  wp {fx.name} {deq} {tolerance} {tol:g} {bpd_tol}: "
                   f"{res.nfe_per_example.double().mean().item():.0f} NFE, max err "
                   f"{err.max().item():.4f}", file=sys.stderr, flush=True)  # fmt: skip
+            save(args, lines)
         lines.append("")
     return lines
 
@@ -398,6 +401,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--wp-logp-bpd", default="1e-4,1e-5", help="logp_atol / (d ln 2) values")
     p.add_argument("--out", default=None, help="also write the output (markdown) here")
     args = p.parse_args(argv)
+    args.argv = list(argv if argv is not None else sys.argv[1:])
     args.models = [m for m in args.models.split(",") if m]
     args.dequantizations = [m for m in args.dequantizations.split(",") if m]
     args.batches = [int(b) for b in args.batches.split(",") if b]
@@ -424,15 +428,22 @@ def main(argv=None) -> str:
         else:
             fx = cifar_fixture(args.cifar_images, args.cifar_width, args.cifar_layers)
         make = work_precision_lines if args.work_precision else throughput_lines
-        lines += make(fx, args)
+        make(fx, args, lines)
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        cmd = " ".join(["python", "benchmarks/eval_throughput.py", *(argv or sys.argv[1:])])
-        stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-        title = "Work-precision" if args.work_precision else "Evaluation throughput"
-        Path(args.out).write_text(f"# {title}\n\n`{cmd}` ({stamp})\n\n{text}\n")
+    save(args, lines)
     return text
+
+
+def save(args, lines: list[str]) -> None:
+    """Write the output so far to ``--out`` with the command line and date."""
+    if not args.out:
+        return
+    cmd = " ".join(["python", "benchmarks/eval_throughput.py", *args.argv])
+    stamp = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    title = "Work-precision" if args.work_precision else "Evaluation throughput"
+    text = "\n".join(lines)
+    Path(args.out).write_text(f"# {title}\n\n`{cmd}` ({stamp})\n\n{text}\n")
 
 
 if __name__ == "__main__":
