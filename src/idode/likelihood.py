@@ -56,8 +56,9 @@ _LOG_2PI = math.log(2.0 * math.pi)
 # the official code and torchode (l then weighs 1/(d + 1)); for comparisons with published numbers.
 Tolerance = Literal["logp", "paper"]
 TOLERANCES: tuple[str, ...] = ("logp", "paper")
-# default logp_atol per image = LOGP_ATOL_BPD * d ln 2 nats, i.e. a local-error budget in bits/dim
-# (chosen from the work-precision tables in benchmarks/results/work_precision_cpu.md)
+# default logp_atol per image = LOGP_ATOL_BPD * d ln 2 nats, a local-error budget in bits/dim.
+# benchmarks/results/work_precision_digits_cpu.md: 1e-5 costs 10-40 % more NFE and gains little,
+# because the image part's trajectory error, not l's local error, dominates |dbpd| there.
 LOGP_ATOL_BPD = 1e-4
 
 
