@@ -166,8 +166,8 @@ class _Rows:
         dev, dt_ = jobs.y0.device, jobs.y0.dtype
         self.keys = list(jobs.keys)
         self.y = jobs.y0.clone()
-        self.t = jobs.t0.to(dt_).clone()
-        self.t1 = jobs.t1.to(dt_).clone()
+        self.t = jobs.t0.to(dev, dt_).clone()
+        self.t1 = jobs.t1.to(dev, dt_).clone()
         self.dt = torch.zeros(m, dtype=dt_, device=dev)
         self.k = torch.zeros(7, m, n, dtype=dt_, device=dev)
         self.phase = torch.zeros(m, dtype=torch.long, device=dev)
@@ -192,8 +192,8 @@ class _Rows:
         """Start ``jobs`` in rows ``slots`` (overwriting finished rows)."""
         idx = torch.tensor(slots, dtype=torch.long, device=self.y.device)
         self.y[idx] = jobs.y0
-        self.t[idx] = jobs.t0.to(self.t.dtype)
-        self.t1[idx] = jobs.t1.to(self.t.dtype)
+        self.t[idx] = jobs.t0.to(self.t)
+        self.t1[idx] = jobs.t1.to(self.t)
         for name in ("dt", "phase", "steps", "err"):
             getattr(self, name)[idx] = 0
         if self.aux is not None:
