@@ -20,6 +20,7 @@ LAYERS: dict[int, set[str]] = {
         "solvers",
         "dequantization",
         "likelihood",
+        "continuous",
         "sampler",
     },
     2: {  # models, data, configs and file formats
@@ -31,6 +32,7 @@ LAYERS: dict[int, set[str]] = {
         "loader",
         "checkpoint",
         "rundir",
+        "evalfiles",
         "convert",
         "adapters",
     },

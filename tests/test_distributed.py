@@ -174,9 +174,9 @@ def test_sharded_evaluation_matches_one_process(two_ranks, tmp_path, monkeypatch
 
     # a one-process rerun in the sharded run's directory finds everything done
     calls = []
-    real = evaluate_module.bits_per_dim
+    real = evaluate_module.iter_bits_per_dim
     monkeypatch.setattr(
-        evaluate_module, "bits_per_dim", lambda *a, **k: calls.append(1) or real(*a, **k)
+        evaluate_module, "iter_bits_per_dim", lambda *a, **k: calls.append(1) or real(*a, **k)
     )
     again = evaluate(run_dir, eval_dir, **EVAL)
     assert calls == [] and again["bpd"] == sharded["bpd"]

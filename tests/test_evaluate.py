@@ -20,7 +20,7 @@ TINY = [
     "model.n_layers=1",
     "model.fourier_features=false",
 ]
-# 12 test digits in batches of 5 (5 + 5 + 2); loose tolerances keep the solves short
+# 12 test digits, at most 5 rows per network call; loose tolerances keep the solves short
 FAST = dict(max_examples=12, batch_size=5, rtol=1e-3, atol=1e-3, device="cpu", progress=False)
 COLUMNS = ("bpd", "bpd_mean_of_bounds", "bpd_importance_weighted", "elbo_bpd")
 
@@ -40,18 +40,21 @@ def reference(ckpt, tmp_path_factory):
 
 @pytest.fixture
 def count_batches(monkeypatch):
-    """Record the size of every batch handed to bits_per_dim; optionally fail at call n."""
+    """Record how many examples each bits/dim stream gets; optionally kill after n finished."""
     calls: list[int] = []
-    real = evaluate_module.bits_per_dim
-    state = {"fail_at": None}
+    real = evaluate_module.iter_bits_per_dim
+    state = {"kill_after": None}
 
     def counting(model, x_int, *args, **kwargs):
         calls.append(len(x_int))
-        if state["fail_at"] == len(calls):
-            raise RuntimeError("simulated kill")
-        return real(model, x_int, *args, **kwargs)
+        done = 0
+        for group in real(model, x_int, *args, **kwargs):
+            yield group
+            done += len(group)
+            if state["kill_after"] is not None and done >= state["kill_after"]:
+                raise RuntimeError("simulated kill")
 
-    monkeypatch.setattr(evaluate_module, "bits_per_dim", counting)
+    monkeypatch.setattr(evaluate_module, "iter_bits_per_dim", counting)
     return calls, state
 
 
@@ -91,6 +94,12 @@ def test_eval_json_matches_the_per_example_file(reference, ckpt):
     assert res["nfe"]["per_example_median"] == pytest.approx(np.median(nfe))
     assert res["nfe"]["per_example_max"] == max(nfe)
     assert res["nfe"]["batched_total"] >= max(nfe)
+    # the solver's own error estimate, per example and summarised
+    assert all(r["solver_error_bpd"] > 0 for r in rows)
+    errs = [r["solver_error_bpd"] for r in rows]
+    assert res["solver_error"]["bpd_max"] == max(errs)
+    assert res["solver_error"]["bpd_mean"] == pytest.approx(np.mean(errs))
+    assert res["settings"]["tolerance"] == "paper"  # the digits preset's protocol
     assert res["checkpoint"]["step"] == 20
     assert res["checkpoint"]["path"] == str(find_checkpoint(ckpt).resolve())
     assert res["dataset"]["name"] == "digits" and res["dataset"]["split"] == "test"
@@ -105,15 +114,16 @@ def test_eval_json_matches_the_per_example_file(reference, ckpt):
 def test_resume_after_a_kill_computes_only_the_rest(ckpt, reference, tmp_path, count_batches):
     calls, state = count_batches
     out = tmp_path / "eval"
-    state["fail_at"] = 2  # killed while solving the second batch
+    state["kill_after"] = 5  # killed once 5 examples have finished (rows hold the others)
     with pytest.raises(RuntimeError, match="simulated kill"):
         evaluate(ckpt, out, **FAST)
-    assert sorted(read_per_example(out)) == list(range(5))
+    saved = sorted(read_per_example(out))
+    assert 5 <= len(saved) < 12
     assert not (out / "eval.json").exists()
     calls.clear()
-    state["fail_at"] = None
+    state["kill_after"] = None
     res = evaluate(ckpt, out, **FAST)
-    assert calls == [5, 2]  # examples 5..11 only
+    assert calls == [12 - len(saved)]  # only the examples not saved
     _assert_rows_close(_rows(out), _rows(reference[0]))
     assert res["bpd"]["mean"] == pytest.approx(reference[1]["bpd"]["mean"], abs=1e-6)
     calls.clear()
@@ -130,7 +140,7 @@ def test_truncated_last_line_is_recomputed(ckpt, reference, tmp_path, count_batc
     (out / "per_example.jsonl").write_text("".join(lines[:7]) + lines[7][: len(lines[7]) // 2])
     assert sorted(read_per_example(out)) == list(range(7))
     evaluate(ckpt, out, **FAST)
-    assert calls == [3, 2]  # 7, 8, 9 of the second batch, then 10, 11
+    assert calls == [5]  # 7 (cut) to 11
     _assert_rows_close(_rows(out), _rows(reference[0]))
 
 

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from idode.data import DatasetName, ImageNetVersion, Split
 from idode.dequantization import Dequantization
 from idode.divergence import ProbeKind
-from idode.likelihood import Divergence
+from idode.likelihood import Divergence, Tolerance
 from idode.nets import NetKind
 from idode.parameterization import Parameterization
 from idode.schedules import ScheduleName
@@ -124,6 +124,9 @@ class EvalConfig:
     divergence: Divergence = "rademacher"  # exact | rademacher | gaussian
     rtol: float = 1e-5  # ODE relative tolerance
     atol: float = 1e-5  # ODE absolute tolerance
+    tolerance: Tolerance = "logp"  # error control: logp (image RMS + the log-density's own test)
+    #                                 | paper (one RMS over image and log-density, as official)
+    logp_atol: float | None = None  # log-density tolerance, nats (None: 1e-4 bits/dim x d ln 2)
     batch_size: int = 256  # images per ODE solve
     seed: int = 0  # seed of the per-example dequantization noise and probes
 
@@ -181,6 +184,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "eval.num_samples": (_POSITIVE, ">= 1"),
     "eval.rtol": (_POSITIVE, "> 0"),
     "eval.atol": (_POSITIVE, "> 0"),
+    "eval.logp_atol": (_POSITIVE, "> 0 (nats) or None"),
     "eval.batch_size": (_POSITIVE, ">= 1"),
     "eval.seed": (_NONNEG, ">= 0"),
 }
@@ -236,6 +240,10 @@ def _check_combinations(cfg: Config) -> None:
         raise ConfigError(
             f"the network's gamma range [{net_lo}, {net_hi}] is empty: set "
             f"model.net_gamma_min < model.net_gamma_max"
+        )
+    if cfg.eval.tolerance == "paper" and cfg.eval.logp_atol is not None:
+        raise ConfigError(
+            "eval.logp_atol has no effect with eval.tolerance=paper; drop one of them"
         )
     if cfg.data.name == "npz" and not cfg.data.path:
         raise ConfigError("data.name=npz needs data.path=FILE.npz")

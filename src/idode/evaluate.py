@@ -21,11 +21,11 @@ The device *type* is part of it: CPU and CUDA generators draw different streams.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import statistics
 import time
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, get_args
@@ -35,19 +35,26 @@ from torch import Tensor
 
 from idode.checkpoint import LoadedCheckpoint, find_checkpoint, load_model, run_folder
 from idode.config import Config, ConfigError, DataConfig, EvalConfig, apply_overrides
+from idode.continuous import bpd_columns, iter_bits_per_dim, stack_examples
 from idode.data import DATASETS, DatasetName, Split, dataset_from_config
-from idode.dequantization import Dequantization
+from idode.dequantization import Dequantization, bits_per_dim_from_nats
 from idode.distributed import broadcast, progress_bar, setup
-from idode.likelihood import Divergence, bits_per_dim, elbo
+from idode.evalfiles import (
+    EXAMPLES_FILE,
+    RESULT_FILE,
+    SETTINGS_FILE,
+    merge_examples,
+    prepare_out_dir,
+    read_per_example,
+)
+from idode.likelihood import Divergence, Tolerance, elbo
 from idode.rng import example_generators
 from idode.rundir import (
     append_jsonl,
-    jsonable,
-    read_jsonl,
     truncate_partial_line,
     write_json_atomic,
-    write_jsonl_atomic,
 )
+from idode.solvers import SolverStats
 from idode.stats import summarize as summarize_values
 from idode.validation import check_choice
 
@@ -60,11 +67,9 @@ __all__ = [
     "summarize",
 ]
 
-SETTINGS_FILE, RESULT_FILE, EXAMPLES_FILE = "eval_settings.json", "eval.json", "per_example.jsonl"
 # the settings of EvalConfig that `idode eval` flags override
 EVAL_FLAGS = ("dequantization", "num_samples", "importance_weighted", "divergence", "rtol", "atol",
-              "batch_size", "seed")  # fmt: skip
-_ROW_KEYS = ("index", "bpd", "bpd_mean_of_bounds", "bpd_importance_weighted", "steps", "nfe")
+              "batch_size", "seed", "tolerance", "logp_atol")  # fmt: skip
 
 
 class EvalSettingsError(ConfigError):
@@ -213,6 +218,8 @@ def _fingerprint(ck, ema: bool, split: str, ev: EvalConfig, with_elbo: bool, dev
         "analytic_entropy": True,
         "rtol": ev.rtol,
         "atol": ev.atol,
+        "tolerance": ev.tolerance,
+        "logp_atol": ev.logp_atol,
         "seed": ev.seed,
         "with_elbo": with_elbo,
         "elbo": {"antithetic": False, "importance_sampling": True, "prior": "sigma_max"},
@@ -233,6 +240,8 @@ def evaluate(
     atol: float | None = None,
     batch_size: int | None = None,
     seed: int | None = None,
+    tolerance: Tolerance | None = None,
+    logp_atol: float | None = None,
     max_examples: int | None = None,
     data_root: str | None = None,
     data: DatasetName | None = None,
@@ -256,7 +265,8 @@ def evaluate(
     t0 = time.perf_counter()
     flags = dict(dequantization=dequantization, num_samples=num_samples,
                  importance_weighted=importance_weighted, divergence=divergence, rtol=rtol,
-                 atol=atol, batch_size=batch_size, seed=seed)  # fmt: skip
+                 atol=atol, batch_size=batch_size, seed=seed, tolerance=tolerance,
+                 logp_atol=logp_atol)  # fmt: skip
     _check_arguments(split, max_examples, flags)
     env, dev, model, ck, ds = _load(
         checkpoint, ema, device, split, data_root, max_examples, data, overrides
@@ -265,7 +275,7 @@ def evaluate(
     out = Path(out_dir) if out_dir is not None else default_eval_dir(ck, split, ev)
     fingerprint = _fingerprint(ck, ema, split, ev, with_elbo, dev)
     # rank 0 checks (or starts) the output directory; every rank raises its verdict together
-    err = _prepare_out_dir(out, fingerprint, overwrite) if env.is_main else None
+    err = prepare_out_dir(out, fingerprint, overwrite) if env.is_main else None
     err = broadcast(err, env)
     if err is not None:
         raise EvalSettingsError(err)
@@ -274,8 +284,10 @@ def evaluate(
     env.barrier()
     result = None
     if env.is_main:
-        result = summarize(_merge(out, n), n, ev.num_samples)
+        rows = merge_examples(out, n)
+        result = summarize(rows, n, ev.num_samples)
         result.update(
+            solver_error=_solver_error(rows),
             wall_seconds=time.perf_counter() - t0,
             settings={**fingerprint, "batch_size": ev.batch_size, "max_examples": max_examples,
                       "data_root": data_root, "device": str(dev), "world_size": env.world_size},
@@ -310,27 +322,13 @@ def _evaluate_examples(model, ds, out: Path, ev: EvalConfig, with_elbo: bool, en
     if bar is not None:
         bar.update(sum(i in done for i in range(n)))
     try:
-        for start in range(0, len(mine), ev.batch_size):
-            todo = [i for i in mine[start : start + ev.batch_size] if i not in done]
-            if not todo:
-                continue
-            rows = _evaluate_batch(
-                model,
-                x_all[todo].to(dev),
-                todo,
-                ds.num_levels,
-                dequantization=ev.dequantization,
-                num_samples=ev.num_samples,
-                importance_weighted=ev.importance_weighted,
-                divergence=ev.divergence,
-                rtol=ev.rtol,
-                atol=ev.atol,
-                seed=ev.seed,
-                with_elbo=with_elbo,
-            )
+        stream = _evaluate_stream(
+            model, x_all, [i for i in mine if i not in done], dev, ds.num_levels, ev, with_elbo
+        )
+        for rows in stream:  # examples as they finish: a kill loses only the running ones
             append_jsonl(own, rows)
             if bar is not None:
-                bar.update(min(len(todo) * env.world_size, bar.total - bar.n))
+                bar.update(min(len(rows) * env.world_size, bar.total - bar.n))
     finally:
         if bar is not None:
             bar.close()
@@ -346,155 +344,99 @@ def _elbo_generators(seed: int, indices: list[int], device: torch.device) -> lis
     return example_generators(seed, indices, device, purpose="elbo")
 
 
-def _evaluate_batch(
-    model,
-    x_int: Tensor,
-    indices: list[int],
-    num_levels: int,
-    *,
-    dequantization: str,
-    num_samples: int,
-    importance_weighted: bool,
-    divergence: str,
-    rtol: float,
-    atol: float,
-    seed: int,
-    with_elbo: bool,
-) -> list[dict[str, Any]]:
-    """Per-example result rows of one batch (bits/dim, ODE steps and NFE, ELBO terms)."""
-    tic = time.perf_counter()
-    dev = x_int.device
-    res = bits_per_dim(
-        model,
-        x_int,
-        num_levels,
-        dequantization,
-        num_samples,
-        divergence,
-        rtol,
-        atol,
-        importance_weighted=importance_weighted,
-        generator=example_generators(seed, indices, dev, purpose="dequantization"),
-    )
-    cols: dict[str, Tensor] = {
-        "bpd": res.bpd,
-        "bpd_mean_of_bounds": res.bpd_mean_of_bounds,
-        "bpd_importance_weighted": res.bpd_importance_weighted,
-    }
-    if with_elbo:
-        e = elbo(
-            model,
-            x_int,
-            num_levels,
-            antithetic=False,
-            generator=_elbo_generators(seed, indices, dev),
-        )
-        cols.update(
-            elbo_bpd=e.bpd,
-            elbo_reconstruction_nats=e.reconstruction,
-            elbo_prior_kl_nats=e.prior_kl,
-            elbo_diffusion_nats=e.diffusion,
-        )
-    vals = {k: v.detach().double().cpu().tolist() for k, v in cols.items()}
-    bad = [i for j, i in enumerate(indices) if not all(math.isfinite(v[j]) for v in vals.values())]
-    if bad:
-        raise FloatingPointError(
-            f"non-finite bits/dim for example(s) {bad[:10]} of this split (rtol={rtol}, "
-            f"atol={atol}); the checkpoint may be diverged"
-        )
-    steps = res.steps.detach().cpu().long()  # [B, K]
-    nfe = (6 * steps + 2).sum(1).tolist()  # per example, over its K solves (solvers.py)
-    log_p = res.log_p_model.detach().double().cpu().tolist()
-    seconds = (time.perf_counter() - tic) / len(indices)
-    rows = []
-    for j, i in enumerate(indices):
-        row: dict[str, Any] = {"index": int(i)}
-        row.update({k: v[j] for k, v in vals.items()})
-        row.update(
-            steps=float(steps[j].double().mean()),
-            steps_per_draw=steps[j].tolist(),
-            nfe=int(nfe[j]),
-            log_p_model_nats=log_p[j],
-            batch_nfe=int(res.nfe),
-            batch_len=len(indices),
-            seconds=seconds,
-        )
-        rows.append(row)
-    return rows
+def _evaluate_stream(
+    model, x_all: Tensor, indices: list[int], dev, num_levels: int, ev: EvalConfig, with_elbo: bool
+) -> Iterator[list[dict[str, Any]]]:
+    """Per-example result rows (bits/dim, solver work and error, ELBO terms) as examples finish.
 
-
-# --------------------------------------------------------------------------------------------------
-# files
-# --------------------------------------------------------------------------------------------------
-
-
-def _prepare_out_dir(out: Path, fingerprint: dict, overwrite: bool) -> str | None:
-    """Start or resume ``out``; an error message if it holds results of other settings."""
-    if out.exists() and not out.is_dir():
-        return f"the output directory {out} is a file; name a directory (or leave --out out)"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / SETTINGS_FILE
-    if path.exists() and not overwrite:
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            saved = None
-        if saved != jsonable(fingerprint):
-            if not isinstance(saved, dict):
-                return (
-                    f"{path} is unreadable; pick another output directory or pass "
-                    f"overwrite=True (--overwrite) to start over"
-                )
-            diff = sorted(k for k in {**saved, **fingerprint} if saved.get(k) != fingerprint.get(k))
-            pairs = "; ".join(
-                f"{k}: saved {saved.get(k)!r}, now {fingerprint.get(k)!r}" for k in diff
-            )
-            return (
-                f"{out} holds an evaluation with other settings ({pairs}). Pick another output "
-                f"directory, or pass overwrite=True (--overwrite) to discard those results"
-            )
-        return None
-    if not overwrite and _example_files(out):
-        return (
-            f"{out} holds per-example results but no {SETTINGS_FILE}, so they cannot be trusted "
-            f"to match these settings; pick another output directory or pass overwrite=True "
-            f"(--overwrite) to discard them"
-        )
-    for p in [out / RESULT_FILE, *_example_files(out)]:
-        p.unlink(missing_ok=True)
-    write_json_atomic(path, fingerprint)
-    return None
-
-
-def _example_files(out: Path) -> list[Path]:
-    files = sorted(out.glob("per_example.rank*.jsonl"))
-    return ([out / EXAMPLES_FILE] if (out / EXAMPLES_FILE).exists() else []) + files
-
-
-def read_per_example(out_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
-    """All complete per-example rows in ``out_dir`` (every rank's file), by example index.
-
-    A line that does not parse (cut by a kill) or lacks a field is ignored: it is recomputed.
+    One continuous-batched pass over ``indices``: at most ``batch_size`` rows per network call.
     """
-    rows: dict[int, dict[str, Any]] = {}
-    for p in _example_files(Path(out_dir)):
-        for row in read_jsonl(p):
-            if all(k in row for k in _ROW_KEYS):
-                rows.setdefault(int(row["index"]), row)
-    return rows
+    if not indices:
+        return
+    x = x_all[indices].to(dev)
+    d = x[0].numel()
+    stats = SolverStats()
+    stream = iter_bits_per_dim(
+        model,
+        x,
+        num_levels,
+        ev.dequantization,
+        ev.num_samples,
+        ev.divergence,
+        rtol=ev.rtol,
+        atol=ev.atol,
+        tolerance=ev.tolerance,
+        logp_atol=ev.logp_atol,
+        batch_size=ev.batch_size,
+        generator=example_generators(ev.seed, indices, dev, purpose="dequantization"),
+        stats=stats,
+    )
+    tic, calls = time.perf_counter(), 0
+    for group in stream:
+        pos = [e.index for e in group]
+        idx = [indices[j] for j in pos]
+        lp, dec, lq, err = (
+            stack_examples(group, k) for k in ("log_p_model", "log_decoder", "log_q", "logp_error")
+        )
+        elq = torch.tensor([e.expected_log_q for e in group], dtype=torch.float64)
+        cols = bpd_columns(lp, dec, lq, elq, d)
+        cols["bpd"] = cols[
+            "bpd_importance_weighted" if ev.importance_weighted else "bpd_mean_of_bounds"
+        ]
+        cols["solver_error_bpd"] = bits_per_dim_from_nats(-err.mean(1), d)
+        if with_elbo:
+            e = elbo(
+                model,
+                x[torch.tensor(pos, device=dev)],
+                num_levels,
+                antithetic=False,
+                generator=_elbo_generators(ev.seed, idx, dev),
+            )
+            cols.update(
+                elbo_bpd=e.bpd,
+                elbo_reconstruction_nats=e.reconstruction,
+                elbo_prior_kl_nats=e.prior_kl,
+                elbo_diffusion_nats=e.diffusion,
+            )
+        vals = {k: v.detach().double().cpu().tolist() for k, v in cols.items()}
+        bad = [i for j, i in enumerate(idx) if not all(math.isfinite(v[j]) for v in vals.values())]
+        if bad:
+            raise FloatingPointError(
+                f"non-finite bits/dim for example(s) {bad[:10]} of this split (rtol={ev.rtol}, "
+                f"atol={ev.atol}); the checkpoint may be diverged"
+            )
+        now = time.perf_counter()
+        rows = []
+        for j, (i, ex) in enumerate(zip(idx, group, strict=True)):
+            row: dict[str, Any] = {"index": int(i)}
+            row.update({k: v[j] for k, v in vals.items()})
+            row.update(
+                steps=float(ex.steps.double().mean()),
+                steps_per_draw=ex.steps.tolist(),
+                nfe=ex.nfe,
+                log_p_model_nats=ex.log_p_model.tolist(),
+                logp_error_nats=ex.logp_error.tolist(),
+                # the network calls since the last group, shared by this group's examples
+                batch_nfe=stats.calls - calls,
+                batch_len=len(group),
+                seconds=(now - tic) / len(group),
+            )
+            rows.append(row)
+        tic, calls = now, stats.calls
+        yield rows
 
 
-def _merge(out: Path, n: int) -> list[dict[str, Any]]:
-    """Rank 0: all files -> one sorted ``per_example.jsonl``; the rows of examples 0..n-1."""
-    done = read_per_example(out)
-    missing = [i for i in range(n) if i not in done]
-    if missing:
-        raise RuntimeError(f"evaluation incomplete: no result for examples {missing[:10]} in {out}")
-    rank_files = sorted(out.glob("per_example.rank*.jsonl"))
-    write_jsonl_atomic(out / EXAMPLES_FILE, [done[i] for i in sorted(done)])
-    for p in rank_files:  # now in per_example.jsonl
-        p.unlink()
-    return [done[i] for i in range(n)]
+def _solver_error(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The solver's own per-example error estimate of bits/dim: mean and largest."""
+    errs = [r["solver_error_bpd"] for r in rows if "solver_error_bpd" in r]
+    if not errs:
+        return None
+    return {
+        "bpd_mean": statistics.fmean(errs),
+        "bpd_max": max(errs),
+        "note": "per example: sum over solver steps of |local error estimate of log p|, "
+        "averaged over draws, in bits/dim",
+    }
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -26,7 +26,6 @@ from idode.dequantization import (
     bits_per_dim_from_nats,
     check_integer_data,
     decoder_log_prob,
-    dequantize,
 )
 from idode.divergence import (
     DIVERGENCES,
@@ -39,7 +38,7 @@ from idode.divergence import (
 from idode.losses import check_model_input, diffusion_loss_terms
 from idode.parameterization import DiffusionODE, check_choice
 from idode.rng import Generators
-from idode.solvers import solve_ivp
+from idode.solvers import SolverStats, nfe_of_steps, solve_ivp
 
 __all__ = [
     "BPDResult",
@@ -50,6 +49,33 @@ __all__ = [
     "elbo_bits_per_dim",
     "log_likelihood",
 ]
+
+# Error control of the augmented state (z, l). "logp": the image part z keeps the RMS test with
+# rtol/atol and the log-density l gets its own test |err_l| <= logp_atol + rtol |l| (nats), so the
+# number users read is controlled whatever d is. "paper": one RMS over all d + 1 components, as
+# the official code and torchode (l then weighs 1/(d + 1)); for comparisons with published numbers.
+Tolerance = Literal["logp", "paper"]
+TOLERANCES: tuple[str, ...] = get_args(Tolerance)
+# default logp_atol per image = LOGP_ATOL_BPD * d ln 2 nats, a local-error budget in bits/dim.
+# benchmarks/results/work_precision_digits_cpu.md: 1e-5 costs 10-40 % more NFE and gains little,
+# because the image part's trajectory error, not l's local error, dominates |dbpd| there.
+LOGP_ATOL_BPD = 1e-4
+
+
+def solver_tolerances(
+    tolerance: Tolerance, rtol: float, atol: float, logp_atol: float | None, num_dims: int
+) -> dict:
+    """Keyword arguments of ``solve_ivp``/``solve_stream`` for a tolerance protocol."""
+    check_choice("tolerance", tolerance, TOLERANCES)
+    if tolerance == "paper":
+        if logp_atol is not None:
+            raise ValueError('logp_atol has no effect with tolerance="paper"; drop one of them')
+        return dict(rtol=rtol, atol=atol)
+    if logp_atol is None:
+        logp_atol = LOGP_ATOL_BPD * num_dims * math.log(2.0)
+    if not logp_atol > 0:
+        raise ValueError(f"logp_atol must be positive (nats), got {logp_atol}")
+    return dict(rtol=rtol, atol=atol, last_rtol=rtol, last_atol=float(logp_atol))
 
 
 @contextlib.contextmanager
@@ -87,8 +113,10 @@ class LogLikelihoodResult:
     prior_logp: Tensor  # [B] log N(z_end; 0, sigma_max^2 I)
     delta_logp: Tensor  # [B] int_{gamma_start}^{gamma_max} div h dgamma
     z_end: Tensor  # [B, ...] float64, the ODE state at gamma_max
-    nfe: int  # batched network evaluations (each a forward + VJP)
+    nfe: int  # batched network calls (each a forward + VJP on the rows still running)
     steps: Tensor  # [B] solver steps per example (independent of batch-mates)
+    logp_error: Tensor  # [B] solver's estimate: sum of |local error of l| over its steps, nats
+    rows: int  # network rows evaluated in all (= nfe_of_steps(steps).sum())
 
 
 def log_likelihood(
@@ -104,12 +132,15 @@ def log_likelihood(
     generator: Generators = None,
     exact_chunk_size: int = 16,
     net_kwargs: dict | None = None,
+    tolerance: Tolerance = "logp",
+    logp_atol: float | None = None,
 ) -> LogLikelihoodResult:
     """log-density of the model's marginal at ``gamma_start`` (default gamma_min) at z [B, ...].
 
     Integrates the augmented ODE d(z, l)/dgamma = (h, div h) forward from gamma_start to
-    gamma_max with adaptive Dormand-Prince (per-example error control, rtol/atol on the RMS norm
-    of (z, l)), and adds the prior N(0, sigma_max^2 I) (method.md §6.1). ``divergence`` is
+    gamma_max with adaptive Dormand-Prince (per-example error control: rtol/atol on the RMS norm
+    of z and ``logp_atol`` nats on l, or one RMS over (z, l) with ``tolerance="paper"``), and adds
+    the prior N(0, sigma_max^2 I) (method.md §6.1). ``divergence`` is
     "exact" (d VJPs, chunked) or a Hutchinson estimate with ``num_probes`` probes per example,
     drawn once from ``generator`` and fixed for the whole solve (or pass ``probes``).
     """
@@ -122,11 +153,43 @@ def log_likelihood(
             f"gamma_start={g0} must lie in [gamma_min, gamma_max) = [{s.gamma_min}, {s.gamma_max})"
         )
     b, shape, d = z.shape[0], tuple(z.shape[1:]), z[0].numel()
-    kw = net_kwargs or {}
+    tols = solver_tolerances(tolerance, rtol, atol, logp_atol, d)
     if divergence != "exact" and probes is None:
         probes = _probes(num_probes, (b, *shape), divergence, generator, z.device)
+    aux = None
+    if probes is not None:  # per row: [B, ...] or, with several probes, [B, P, ...]
+        aux = probes.transpose(0, 1) if probes.ndim == z.ndim + 1 else probes
+    field_ = augmented_field(model, divergence, shape, net_kwargs, exact_chunk_size)
+    y0 = torch.cat(
+        [z.detach().to(torch.float64).flatten(1), z.new_zeros(b, 1, dtype=torch.float64)], 1
+    )
+    # one VJP per step, never differentiated again: the UNet may use its fused attention
+    with eval_mode(model), torch.no_grad(), first_order_input_gradients():
+        sol = solve_ivp(field_, y0, g0, s.gamma_max, aux=aux, **tols)
+    z_end = sol.y[:, :d].reshape(b, *shape)
+    delta = sol.y[:, d]
+    prior = gaussian_log_prob(z_end, s.sigma2_max)
+    return LogLikelihoodResult(
+        prior + delta, prior, delta, z_end, sol.nfe, sol.steps, sol.last_error, sol.rows
+    )
 
-    def field_(t: Tensor, y: Tensor) -> Tensor:
+
+def augmented_field(
+    model: DiffusionODE,
+    divergence: Divergence,
+    shape: tuple[int, ...],
+    net_kwargs: dict | None = None,
+    exact_chunk_size: int = 16,
+):
+    """f(t [b], y [b, d + 1], probes [b, ...] | [b, P, ...] | None) -> d(z, l)/dgamma [b, d + 1].
+
+    The probability-flow drift h of z and div h (exact, or Hutchinson with the rows' probes).
+    """
+    kw = net_kwargs or {}
+    d = math.prod(shape)
+
+    def field_(t: Tensor, y: Tensor, probes: Tensor | None = None) -> Tensor:
+        b = y.shape[0]
         x = y[:, :d].reshape(b, *shape)
 
         def h(x_: Tensor) -> Tensor:
@@ -135,29 +198,25 @@ def log_likelihood(
         if divergence == "exact":
             out, div = exact_divergence(h, x, chunk_size=exact_chunk_size)
         else:
-            out, div = hutchinson_divergence(h, x, probes)
+            u = probes.transpose(0, 1) if probes.ndim == x.ndim + 1 else probes
+            out, div = hutchinson_divergence(h, x, u)
         return torch.cat([out.detach().flatten(1), div.detach()[:, None]], dim=1)
 
-    y0 = torch.cat(
-        [z.detach().to(torch.float64).flatten(1), z.new_zeros(b, 1, dtype=torch.float64)], 1
-    )
-    # one VJP per step, never differentiated again: the UNet may use its fused attention
-    with eval_mode(model), torch.no_grad(), first_order_input_gradients():
-        sol = solve_ivp(field_, y0, g0, s.gamma_max, rtol=rtol, atol=atol)
-    z_end = sol.y[:, :d].reshape(b, *shape)
-    delta = sol.y[:, d]
-    prior = gaussian_log_prob(z_end, s.sigma2_max)
-    return LogLikelihoodResult(prior + delta, prior, delta, z_end, sol.nfe, sol.steps)
+    return field_
 
 
 @dataclass
 class BPDResult:
-    """Bits/dim of integer data under a dequantization bound; all per-example tensors are [B]."""
+    """Bits/dim of integer data under a dequantization bound; per-example tensors are [B] / [B, K].
+
+    Each example's numbers are those of solving it alone (per-example step control), up to float
+    rounding of batched network calls.
+    """
 
     bpd: Tensor  # the requested estimate (importance-weighted or mean of bounds)
     bpd_mean_of_bounds: Tensor  # mean over K of single-draw bounds
     bpd_importance_weighted: Tensor  # log (1/K) sum_k exp(bound_k), with the -log K
-    nfe: int  # total batched network evaluations over the K solves
+    nfe: int  # batched network calls (each a forward + VJP on up to batch_size rows)
     log_p_model: Tensor  # [B, K] log p_ODE(z_k) at gamma_start
     prior_logp: Tensor  # [B, K]
     delta_logp: Tensor  # [B, K]
@@ -165,11 +224,25 @@ class BPDResult:
     expected_log_q: Tensor  # [B] analytic E_q[log q]
     log_decoder: Tensor  # [B, K] log p(k | z_k) (zeros unless variational)
     steps: Tensor  # [B, K] solver steps
+    nfe_per_example: Tensor  # [B] int64: nfe_of_steps(steps) summed over the K draws
+    logp_error: Tensor  # [B, K] solver's error estimate of log p_ODE, nats (sum |local errors|)
+    solver_error_bpd: Tensor  # [B] mean over draws of logp_error, in bits/dim
+    rows: int  # network rows evaluated in all (= nfe_per_example.sum() with refilling)
     dequantization: str
     num_samples: int
     gamma_start: float
     num_dims: int
     settings: dict = field(default_factory=dict)
+
+
+def _check_bpd_arguments(x_int, num_levels, dequantization, divergence, num_samples, batch_size):
+    check_choice("dequantization", dequantization, DEQUANTIZATIONS)
+    check_choice("divergence", divergence, DIVERGENCES)
+    check_integer_data(x_int, num_levels)
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
 
 
 def bits_per_dim(
@@ -188,6 +261,9 @@ def bits_per_dim(
     generator: Generators = None,
     uniform_gamma_start: float = UNIFORM_GAMMA_START,
     net_kwargs: dict | None = None,
+    batch_size: int | None = None,
+    tolerance: Tolerance = "logp",
+    logp_atol: float | None = None,
 ) -> BPDResult:
     """ODE bits/dim of integer images x_int [B, ...] in [0, num_levels) (method.md §6-7).
 
@@ -197,81 +273,78 @@ def bits_per_dim(
     ``analytic_entropy``, as the official code does); ``bpd_importance_weighted`` is the IWAE bound
     logsumexp_k(bound_k) - log K with per-draw log q. ``bpd`` is the latter if
     ``importance_weighted`` else the former.
+
+    ``batch_size``: at most this many rows per network call; a row whose solve ends is given to
+    the next (example, draw) at once (continuous batching). None: all B rows at once. Pass one
+    generator per example (``rng.example_generators``) for results independent of batching.
+    ``tolerance``/``logp_atol``: error control, see ``TOLERANCES`` (``"paper"`` = one RMS norm).
     """
-    check_choice("dequantization", dequantization, DEQUANTIZATIONS)
-    check_choice("divergence", divergence, DIVERGENCES)
-    check_integer_data(x_int, num_levels)
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    b, shape, d = x_int.shape[0], tuple(x_int.shape[1:]), x_int[0].numel()
-    probes = None
-    if divergence != "exact":
-        probes = _probes(num_probes, (b, *shape), divergence, generator, x_int.device)
-    rows: dict[str, list[Tensor]] = {k: [] for k in ("lp", "prior", "delta", "lq", "dec", "steps")}
-    nfe, expected_log_q, gamma_start = 0, None, None
-    for _ in range(num_samples):
-        dq = dequantize(
-            dequantization,
-            x_int,
-            num_levels,
-            model.schedule,
-            generator=generator,
-            uniform_gamma_start=uniform_gamma_start,
-        )
-        ll = log_likelihood(
-            model,
-            dq.z,
-            divergence,
-            rtol,
-            atol,
-            gamma_start=dq.gamma_start,
-            probes=probes,
-            net_kwargs=net_kwargs,
-        )
-        nfe += ll.nfe
-        expected_log_q, gamma_start = dq.expected_log_q, dq.gamma_start
-        for key, val in zip(
-            rows,
-            (ll.logp, ll.prior_logp, ll.delta_logp, dq.log_q, dq.log_decoder, ll.steps),
-            strict=True,
-        ):
-            rows[key].append(val)
-    st = {k: torch.stack(v, dim=1) for k, v in rows.items()}
-    bound_sample = st["lp"] + st["dec"] - st["lq"]  # [B, K]
-    iw = torch.logsumexp(bound_sample, dim=1) - math.log(num_samples)
-    lq_for_mean = expected_log_q[:, None] if analytic_entropy else st["lq"]
-    mean = (st["lp"] + st["dec"] - lq_for_mean).mean(dim=1)
-    bpd_iw, bpd_mean = bits_per_dim_from_nats(iw, d), bits_per_dim_from_nats(mean, d)
-    settings = dict(
-        num_levels=num_levels,
-        dequantization=dequantization,
-        num_samples=num_samples,
-        divergence=divergence,
-        num_probes=num_probes,
+    from idode.continuous import bpd_columns, iter_bits_per_dim, stack_examples
+
+    _check_bpd_arguments(x_int, num_levels, dequantization, divergence, num_samples, batch_size)
+    if num_probes < 1:
+        raise ValueError(f"num_probes must be >= 1, got {num_probes}")
+    b, d = x_int.shape[0], x_int[0].numel()
+    stats = SolverStats()
+    examples = {}
+    stream = iter_bits_per_dim(
+        model,
+        x_int,
+        num_levels,
+        dequantization,
+        num_samples,
+        divergence,
         rtol=rtol,
         atol=atol,
-        importance_weighted=importance_weighted,
-        analytic_entropy=analytic_entropy,
-        schedule=model.schedule.name,
-        parameterization=model.parameterization,
+        tolerance=tolerance,
+        logp_atol=logp_atol,
+        batch_size=batch_size,
+        num_probes=num_probes,
+        generator=generator,
+        uniform_gamma_start=uniform_gamma_start,
+        net_kwargs=net_kwargs,
+        stats=stats,
     )
+    for group in stream:
+        examples.update((e.index, e) for e in group)
+    ex, dev = [examples[i] for i in range(b)], x_int.device
+
+    def stack(name: str) -> Tensor:
+        return stack_examples(ex, name).to(dev)
+
+    lp, dec, lq, err = (stack(k) for k in ("log_p_model", "log_decoder", "log_q", "logp_error"))
+    elq = torch.tensor([e.expected_log_q for e in ex], dtype=torch.float64, device=dev)
+    cols = bpd_columns(lp, dec, lq, elq, d, analytic_entropy)
+    steps = stack("steps")
+    settings = dict(
+        num_levels=num_levels, dequantization=dequantization, num_samples=num_samples,
+        divergence=divergence, num_probes=num_probes, rtol=rtol, atol=atol, tolerance=tolerance,
+        logp_atol=solver_tolerances(tolerance, rtol, atol, logp_atol, d).get("last_atol"),
+        batch_size=batch_size, importance_weighted=importance_weighted,
+        analytic_entropy=analytic_entropy, schedule=model.schedule.name,
+        parameterization=model.parameterization,
+    )  # fmt: skip
+    key = "bpd_importance_weighted" if importance_weighted else "bpd_mean_of_bounds"
     return BPDResult(
-        bpd=bpd_iw if importance_weighted else bpd_mean,
-        bpd_mean_of_bounds=bpd_mean,
-        bpd_importance_weighted=bpd_iw,
-        nfe=nfe,
-        log_p_model=st["lp"],
-        prior_logp=st["prior"],
-        delta_logp=st["delta"],
-        log_q=st["lq"],
-        expected_log_q=expected_log_q,
-        log_decoder=st["dec"],
-        steps=st["steps"],
+        bpd=cols[key],
+        nfe=stats.calls,
+        log_p_model=lp,
+        prior_logp=stack("prior_logp"),
+        delta_logp=stack("delta_logp"),
+        log_q=lq,
+        expected_log_q=elq,
+        log_decoder=dec,
+        steps=steps,
+        nfe_per_example=nfe_of_steps(steps).sum(1),
+        logp_error=err,
+        solver_error_bpd=bits_per_dim_from_nats(-err.mean(1), d),
+        rows=stats.rows,
         dequantization=dequantization,
         num_samples=num_samples,
-        gamma_start=float(gamma_start),
+        gamma_start=float(ex[0].gamma_start),
         num_dims=d,
         settings=settings,
+        **cols,
     )
 
 

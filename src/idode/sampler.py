@@ -58,7 +58,7 @@ def ode_sample(
     kw = net_kwargs or {}
 
     def field_(t: Tensor, y: Tensor) -> Tensor:
-        return model.drift(y.reshape(n, *shape), t, **kw).flatten(1)
+        return model.drift(y.reshape(y.shape[0], *shape), t, **kw).flatten(1)  # rows running
 
     y0 = (math.sqrt(s.sigma2_max) * noise.to(torch.float64)).flatten(1)
     with eval_mode(model), torch.no_grad():

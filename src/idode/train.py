@@ -175,6 +175,9 @@ def periodic_eval(
             ev.rtol,
             ev.atol,
             importance_weighted=ev.importance_weighted,
+            tolerance=ev.tolerance,
+            logp_atol=ev.logp_atol,
+            batch_size=ev.batch_size,
             generator=example_generators(ev.seed, j, dev, purpose="dequantization"),
         )
         ode_bpd, ode_nfe = res.bpd.cpu(), nfe_of_steps(res.steps).sum(1).cpu().double()

@@ -175,7 +175,7 @@ def _add_finetune(sub) -> None:
 def _add_eval(sub) -> None:
     from idode.data import DATASETS, SPLITS
     from idode.dequantization import DEQUANTIZATIONS
-    from idode.likelihood import DIVERGENCES
+    from idode.likelihood import DIVERGENCES, TOLERANCES
 
     e = sub.add_parser(
         "eval",
@@ -208,7 +208,20 @@ def _add_eval(sub) -> None:
     e.add_argument(
         "--atol", type=POSITIVE_FLOAT, help="ODE absolute tolerance (default: checkpoint)"
     )
-    e.add_argument("--batch-size", type=POSITIVE_INT, help="images per solve (default: checkpoint)")
+    e.add_argument(
+        "--batch-size",
+        type=POSITIVE_INT,
+        help="rows per network call, refilled as solves end (default: checkpoint)",
+    )
+    e.add_argument(
+        "--tolerance",
+        choices=list(TOLERANCES),
+        help="error control: logp = the log-density's own test; paper = one RMS norm, as the "
+        "official code (default: checkpoint)",
+    )
+    e.add_argument(
+        "--logp-atol", type=POSITIVE_FLOAT, help="log-density tolerance, nats (with logp)"
+    )
     e.add_argument("--seed", type=int, help="noise and probe seed (default: checkpoint)")
     e.add_argument("--max-examples", type=POSITIVE_INT, default=None)
     e.add_argument("--data-root", default=None, help="override the dataset directory")

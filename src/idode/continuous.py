@@ -1,0 +1,221 @@
+"""Continuous batching of bits/dim: every (example, dequantization draw) is one solver job.
+
+``iter_bits_per_dim`` keeps at most ``batch_size`` rows in each network call and gives a row to
+the next job as soon as its solve ends (``solvers.solve_stream``), so a set of images costs the
+sum of its jobs' own NFE instead of batches running until their slowest member finishes. It yields
+examples as they finish (all K draws done), which lets ``idode.evaluate`` append per-example rows
+while the pass runs.
+
+Randomness: with one generator per example (``rng.example_generators``) an example's probe and
+dequantization draws come from its own stream in the same order as when it is solved alone
+(probe, then draw 0, 1, ...), so its result does not depend on the batch size, the order of the
+other jobs, or the number of processes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from idode.dequantization import UNIFORM_GAMMA_START, bits_per_dim_from_nats, dequantize
+from idode.divergence import first_order_input_gradients
+from idode.likelihood import (
+    _probes,
+    augmented_field,
+    eval_mode,
+    gaussian_log_prob,
+    solver_tolerances,
+)
+from idode.rng import Generators
+from idode.solvers import Jobs, SolverStats, nfe_of_steps, solve_stream
+
+__all__ = ["ExampleBPD", "bpd_columns", "iter_bits_per_dim", "stack_examples"]
+
+
+@dataclass
+class ExampleBPD:
+    """One finished example: per-draw terms [K] (float64, CPU) and its solver work."""
+
+    index: int  # position in x_int
+    log_p_model: Tensor  # [K] log p_ODE(z_k) at gamma_start, nats
+    prior_logp: Tensor  # [K]
+    delta_logp: Tensor  # [K]
+    log_q: Tensor  # [K]
+    log_decoder: Tensor  # [K]
+    expected_log_q: float
+    steps: Tensor  # [K] int64 solver steps per draw
+    logp_error: Tensor  # [K] solver's error estimate of log p (sum of |local errors|), nats
+    gamma_start: float  # where the ODE starts (set by the dequantization)
+
+    @property
+    def nfe(self) -> int:
+        """Network evaluations this example needed, summed over its K draws."""
+        return int(nfe_of_steps(self.steps).sum())
+
+
+def stack_examples(examples: list[ExampleBPD], name: str) -> Tensor:
+    """One per-draw field of several examples: [len(examples), K]."""
+    return torch.stack([getattr(e, name) for e in examples])
+
+
+def bpd_columns(
+    log_p_model: Tensor,
+    log_decoder: Tensor,
+    log_q: Tensor,
+    expected_log_q: Tensor,
+    num_dims: int,
+    analytic_entropy: bool = True,
+) -> dict[str, Tensor]:
+    """Bits/dim of the K-sample bounds from [B, K] terms: mean of bounds and importance weighted."""
+    k = log_p_model.shape[1]
+    bound_sample = log_p_model + log_decoder - log_q  # [B, K]
+    iw = torch.logsumexp(bound_sample, dim=1) - math.log(k)
+    lq_for_mean = expected_log_q[:, None] if analytic_entropy else log_q
+    mean = (log_p_model + log_decoder - lq_for_mean).mean(dim=1)
+    return {
+        "bpd_mean_of_bounds": bits_per_dim_from_nats(mean, num_dims),
+        "bpd_importance_weighted": bits_per_dim_from_nats(iw, num_dims),
+    }
+
+
+class _JobSource:
+    """Draws each job's probe and dequantization when it is admitted, in per-example order."""
+
+    def __init__(
+        self,
+        model,
+        x_int: Tensor,
+        num_levels: int,
+        kind: str,
+        num_samples: int,
+        divergence: str,
+        num_probes: int,
+        generator: Generators,
+        uniform_gamma_start: float,
+        example_major: bool,
+    ) -> None:
+        n = x_int.shape[0]
+        if isinstance(generator, Sequence) and len(generator) != n:
+            raise ValueError(f"got {len(generator)} per-example generators for {n} examples")
+        self.model, self.x, self.levels, self.kind = model, x_int, num_levels, kind
+        self.divergence, self.num_probes, self.gen = divergence, num_probes, generator
+        self.gamma_u, self.k = uniform_gamma_start, num_samples
+        ex, dr = range(n), range(num_samples)
+        self.order = (
+            [(i, k) for i in ex for k in dr] if example_major else [(i, k) for k in dr for i in ex]
+        )
+        self.pos = 0
+        self.probes: dict[int, Tensor] = {}
+        self.meta: dict[tuple[int, int], tuple[float, float]] = {}
+        self.expected_log_q: dict[int, float] = {}
+        self.gamma_start: float | None = None
+
+    def _gens(self, idx: list[int]) -> Generators:
+        return [self.gen[i] for i in idx] if isinstance(self.gen, Sequence) else self.gen
+
+    def __call__(self, m: int) -> Jobs | None:
+        keys = self.order[self.pos : self.pos + m]
+        if not keys:
+            return None
+        self.pos += len(keys)
+        idx = [i for i, _ in keys]
+        shape, dev = tuple(self.x.shape[1:]), self.x.device
+        new = [i for i, k in keys if k == 0]
+        if self.divergence != "exact" and new:  # an example's probe: its first draw
+            u = _probes(self.num_probes, (len(new), *shape), self.divergence, self._gens(new), dev)
+            u = u.transpose(0, 1) if self.num_probes > 1 else u
+            self.probes.update(zip(new, u, strict=True))
+        x = self.x[torch.tensor(idx, device=dev)]
+        dq = dequantize(
+            self.kind,
+            x,
+            self.levels,
+            self.model.schedule,
+            generator=self._gens(idx),
+            uniform_gamma_start=self.gamma_u,
+        )
+        self.gamma_start = dq.gamma_start
+        lq, dec, elq = (v.tolist() for v in (dq.log_q, dq.log_decoder, dq.expected_log_q))
+        for j, key in enumerate(keys):
+            self.meta[key] = (lq[j], dec[j])
+            self.expected_log_q[key[0]] = elq[j]
+        y0 = torch.cat([dq.z.flatten(1), dq.z.new_zeros(len(keys), 1)], 1)
+        t0 = torch.full((len(keys),), dq.gamma_start, dtype=torch.float64, device=dev)
+        t1 = torch.full_like(t0, self.model.schedule.gamma_max)
+        aux = None
+        if self.divergence != "exact":
+            aux = torch.stack([self.probes[i] for i in idx])
+            for i, k in keys:
+                if k == self.k - 1:
+                    del self.probes[i]  # its last draw: the probe is no longer needed
+        return Jobs(list(keys), y0, t0, t1, aux)
+
+
+def iter_bits_per_dim(
+    model,
+    x_int: Tensor,
+    num_levels: int,
+    dequantization: str,
+    num_samples: int,
+    divergence: str,
+    *,
+    rtol: float,
+    atol: float,
+    tolerance: str = "logp",
+    logp_atol: float | None = None,
+    batch_size: int | None = None,
+    num_probes: int = 1,
+    generator: Generators = None,
+    uniform_gamma_start: float = UNIFORM_GAMMA_START,
+    net_kwargs: dict | None = None,
+    stats: SolverStats | None = None,
+) -> Iterator[list[ExampleBPD]]:
+    """Yield groups of finished examples of x_int [N, ...] (validated by the caller).
+
+    ``batch_size``: at most this many rows per network call, refilled as rows finish, the jobs
+    taken example by example; None: N rows, the jobs taken draw by draw (all first draws, then
+    all second draws, ...), like solving the K draws one after the other.
+    """
+    n, shape, d = x_int.shape[0], tuple(x_int.shape[1:]), x_int[0].numel()
+    tols = solver_tolerances(tolerance, rtol, atol, logp_atol, d)
+    source = _JobSource(
+        model,
+        x_int,
+        num_levels,
+        dequantization,
+        num_samples,
+        divergence,
+        num_probes,
+        generator,
+        uniform_gamma_start,
+        example_major=batch_size is not None,
+    )
+    field_ = augmented_field(model, divergence, shape, net_kwargs)
+    var = model.schedule.sigma2_max
+    parts: dict[int, dict[int, tuple]] = {}
+    with eval_mode(model), torch.no_grad(), first_order_input_gradients():
+        for done in solve_stream(field_, source, batch_size=batch_size or n, stats=stats, **tols):
+            z_end = done.y[:, :d].reshape(len(done.keys), *shape)
+            prior = gaussian_log_prob(z_end, var).cpu()
+            delta, steps = done.y[:, d].cpu(), done.steps.cpu()
+            err = done.last_error.cpu()
+            for j, (i, k) in enumerate(done.keys):
+                parts.setdefault(i, {})[k] = (prior[j], delta[j], steps[j], err[j])
+            finished = sorted({i for i, _ in done.keys if len(parts[i]) == num_samples})
+            if finished:
+                yield [_example(i, parts.pop(i), source) for i in finished]
+
+
+def _example(i: int, draws: dict[int, tuple], source: _JobSource) -> ExampleBPD:
+    k = len(draws)
+    prior, delta, steps, err = (torch.stack([draws[j][c] for j in range(k)]) for c in range(4))
+    meta = [source.meta.pop((i, j)) for j in range(k)]
+    lq, dec = (torch.tensor([m[c] for m in meta], dtype=torch.float64) for c in range(2))
+    elq = source.expected_log_q.pop(i)
+    return ExampleBPD(
+        i, prior + delta, prior, delta, lq, dec, elq, steps, err, float(source.gamma_start)
+    )
