@@ -57,6 +57,20 @@ def _fsync_replace(tmp: Path, path: Path) -> None:
         os.close(fd)
 
 
+def _write_text_atomic(path: Path, text: str) -> Path:
+    """text -> path, complete or not at all: a hidden temporary file, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def write_json_atomic(
     path: str | os.PathLike, obj: Any, indent: int | None = 1, allow_nan: bool = True
 ) -> Path:
@@ -65,17 +79,8 @@ def write_json_atomic(
     allow_nan=False refuses NaN/inf (for result files where a NaN is a bug, not a number).
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(jsonable(obj), f, indent=indent, allow_nan=allow_nan)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    text = json.dumps(jsonable(obj), indent=indent, allow_nan=allow_nan) + "\n"
+    return _write_text_atomic(path, text)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -117,16 +122,7 @@ def append_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Non
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
     """Replace a JSON-lines file by ``rows``: complete or not at all (temporary file, rename)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "w") as f:
-            f.write("".join(json.dumps(jsonable(r)) + "\n" for r in rows))
-            f.flush()
-            os.fsync(f.fileno())
-        _fsync_replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return _write_text_atomic(path, "".join(json.dumps(jsonable(r)) + "\n" for r in rows))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
