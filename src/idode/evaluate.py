@@ -62,6 +62,7 @@ __all__ = [
     "EvalSettingsError",
     "default_eval_dir",
     "evaluate",
+    "evaluate_stream",
     "read_per_example",
     "resolve_settings",
     "summarize",
@@ -322,7 +323,7 @@ def _evaluate_examples(model, ds, out: Path, ev: EvalConfig, with_elbo: bool, en
     if bar is not None:
         bar.update(sum(i in done for i in range(n)))
     try:
-        stream = _evaluate_stream(
+        stream = evaluate_stream(
             model, x_all, [i for i in mine if i not in done], dev, ds.num_levels, ev, with_elbo
         )
         for rows in stream:  # examples as they finish: a kill loses only the running ones
@@ -344,7 +345,7 @@ def _elbo_generators(seed: int, indices: list[int], device: torch.device) -> lis
     return example_generators(seed, indices, device, purpose="elbo")
 
 
-def _evaluate_stream(
+def evaluate_stream(
     model, x_all: Tensor, indices: list[int], dev, num_levels: int, ev: EvalConfig, with_elbo: bool
 ) -> Iterator[list[dict[str, Any]]]:
     """Per-example result rows (bits/dim, solver work and error, ELBO terms) as examples finish.

@@ -41,14 +41,13 @@ from idode.config import Config, ConfigError, dumps
 from idode.data import augment_batch, dataset_from_config, held_out_subset, make_loader
 from idode.dequantization import bin_centers, nats_to_bits_per_dim
 from idode.distributed import DistEnv, all_gather, broadcast, dist_env, progress_bar, setup
-from idode.likelihood import bits_per_dim, elbo
+from idode.likelihood import elbo
 from idode.losses import diffusion_loss_terms
 from idode.model import build_model
 from idode.parameterization import DiffusionODE
 from idode.rng import example_generators, stream_seed
 from idode.rundir import MetricsLog, jsonable
 from idode.runguard import StopSignals, absolute_data_paths, prepare_run_dir, trim_metrics
-from idode.solvers import nfe_of_steps
 
 __all__ = ["TrainingDiverged", "TrainingStopped", "TrainResult", "train", "DistEnv", "dist_env"]
 
@@ -164,23 +163,13 @@ def periodic_eval(
         sde.append(elbo(model, x[j], num_levels, antithetic=False, generator=gens).bpd.cpu())
     ode_bpd, ode_nfe = torch.zeros(0), torch.zeros(0)
     j = mine[mine < min(cfg.data.ode_eval_examples, len(x))] if ode else mine[:0]
-    if len(j):
-        res = bits_per_dim(
-            model,
-            x[j],
-            num_levels,
-            ev.dequantization,
-            ev.num_samples,
-            ev.divergence,
-            ev.rtol,
-            ev.atol,
-            importance_weighted=ev.importance_weighted,
-            tolerance=ev.tolerance,
-            logp_atol=ev.logp_atol,
-            batch_size=ev.batch_size,
-            generator=example_generators(ev.seed, j, dev, purpose="dequantization"),
-        )
-        ode_bpd, ode_nfe = res.bpd.cpu(), nfe_of_steps(res.steps).sum(1).cpu().double()
+    if len(j):  # the batch function of ``idode eval``: same protocol, same streams
+        from idode.evaluate import evaluate_stream
+
+        stream = evaluate_stream(model, x, j.tolist(), dev, num_levels, ev, with_elbo=False)
+        rows = [row for group in stream for row in group]
+        ode_bpd = torch.tensor([r["bpd"] for r in rows], dtype=torch.float64)
+        ode_nfe = torch.tensor([float(r["nfe"]) for r in rows], dtype=torch.float64)
     parts = all_gather((torch.cat(sde) if sde else torch.zeros(0), ode_bpd, ode_nfe), env)
     out = {"eval/sde_bpd": float(torch.cat([p[0] for p in parts]).double().mean())}
     if ode:
