@@ -5,11 +5,15 @@ Hutchinson probe and ELBO noise come from its own generators (``idode.rng``) and
 controls the error of each example separately. So an evaluation can be cut into batches, shards
 and restarts freely (up to float rounding of batched network calls):
 
+- the protocol (dequantization, K, importance weighting, divergence, tolerances, batch size,
+  seed) is the checkpoint's ``eval`` config, each argument given overriding it;
+- examples stream through continuous batching (``idode.continuous``): at most ``batch_size``
+  rows per network call, a finished row taking the next (example, draw) at once;
 - per-example results are appended to ``OUT/per_example.jsonl`` (``per_example.rank{r}.jsonl``
-  on rank r of a multi-process run) after every batch, flushed and fsynced; a restart with the
+  on rank r of a multi-process run) as examples finish, flushed and fsynced; a restart with the
   same settings skips the examples already done (any file, any world size), and a line cut by a
   kill is dropped and recomputed. ``OUT/eval_settings.json`` holds the fingerprint of the
-  settings that define a result; other settings in the same OUT are refused.
+  settings that define a result; other settings in the same OUT are refused (``evalfiles``).
 - under ``torchrun`` rank r of W evaluates examples r, r + W, ... with the plain (unwrapped)
   model and no collective inside the ODE solve; rank 0 then merges all files into
   ``per_example.jsonl`` (sorted, deduplicated) and writes ``eval.json`` atomically.
