@@ -14,6 +14,7 @@ files the writer wrote: a step folder that holds anything else is left in place.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from idode.config import Config, ConfigError, config_from_dict, config_to_dict
+from idode.config import Config, ConfigError, config_differences, config_from_dict, config_to_dict
 from idode.model import build_model
 from idode.parameterization import DiffusionODE
 
@@ -37,7 +38,6 @@ __all__ = [
     "LoadedCheckpoint",
     "build_model",  # re-exported from idode.model
     "checkpoint_candidates",
-    "config_differences",
     "find_checkpoint",
     "load_checkpoint",
     "load_model",
@@ -375,17 +375,6 @@ def _first_mismatch(own: dict[str, Tensor], saved: dict[str, Tensor]) -> str | N
     return None
 
 
-def config_differences(saved: Config, now: Config, sections=("model", "data")) -> list[str]:
-    """'section.key (checkpoint A, now B)' for every differing setting of ``sections``."""
-    a, b = config_to_dict(saved), config_to_dict(now)
-    return [
-        f"{sec}.{k} (checkpoint {a[sec].get(k)!r}, now {b[sec].get(k)!r})"
-        for sec in sections
-        for k in sorted(set(a[sec]) | set(b[sec]))
-        if a[sec].get(k) != b[sec].get(k)
-    ]
-
-
 def _setting_hint(saved: Config, now: Config | None) -> str:
     diff = config_differences(saved, now) if now is not None else []
     if diff:
@@ -423,8 +412,8 @@ def _read_state(ckpt: Path, meta: dict) -> dict[str, Tensor]:
         raise CheckpointError(f"corrupt checkpoint tensors {path}: {e}") from None
 
 
-def _load_dir(ckpt: Path) -> LoadedCheckpoint:
-    """Read and verify one step folder."""
+def _read_meta(ckpt: Path) -> tuple[dict, Config]:
+    """meta.json of one step folder and its config, checked (the tensors are not read)."""
     if not (ckpt / META_FILE).is_file():
         missing = META_FILE if (ckpt / STATE_FILE).is_file() else f"{META_FILE} and {STATE_FILE}"
         raise CheckpointError(f"incomplete checkpoint {ckpt}: {missing} missing")
@@ -437,11 +426,30 @@ def _load_dir(ckpt: Path) -> LoadedCheckpoint:
             f"{ckpt / META_FILE} is not an idode checkpoint of format "
             f"{' or '.join(map(str, READABLE_FORMATS))}"
         )
-    tensors = _read_state(ckpt, meta)
     try:
         cfg = config_from_dict(meta["config"])
     except (ConfigError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {ckpt} has an invalid config: {e}") from None
+    return meta, cfg
+
+
+def read_config(path: str | os.PathLike) -> tuple[Path, int, Config]:
+    """(step folder, step, config) from meta.json alone, the tensors neither read nor verified:
+    for commands that need the settings before ``train`` loads the checkpoint. For a run folder:
+    its newest checkpoint whose metadata reads."""
+    for ckpt in checkpoint_candidates(path) if Path(path).is_dir() else []:
+        with contextlib.suppress(CheckpointError):
+            meta, cfg = _read_meta(ckpt)
+            return ckpt, int(meta["step"]), cfg
+    ckpt = find_checkpoint(path)  # none reads: the error of the one find_checkpoint picks
+    meta, cfg = _read_meta(ckpt)
+    return ckpt, int(meta["step"]), cfg
+
+
+def _load_dir(ckpt: Path) -> LoadedCheckpoint:
+    """Read and verify one step folder."""
+    meta, cfg = _read_meta(ckpt)
+    tensors = _read_state(ckpt, meta)
     extra = meta.get("extra") or {}
     return LoadedCheckpoint(
         ckpt,

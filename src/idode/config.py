@@ -32,6 +32,7 @@ __all__ = [
     "ModelConfig",
     "TrainConfig",
     "apply_overrides",
+    "config_differences",
     "config_from_dict",
     "config_to_dict",
 ]
@@ -345,6 +346,17 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
         value = _parse_value(raw.strip(), sub_fields[name], key)
         cfg = replace(cfg, **{section: replace(getattr(cfg, section), **{name: value})})
     return cfg.validate()
+
+
+def config_differences(saved: Config, now: Config, sections=("model", "data")) -> list[str]:
+    """'section.key (checkpoint A, now B)' for every setting of ``sections`` that differs."""
+    a, b = config_to_dict(saved), config_to_dict(now)
+    return [
+        f"{sec}.{k} (checkpoint {a[sec].get(k)!r}, now {b[sec].get(k)!r})"
+        for sec in sections
+        for k in sorted(set(a[sec]) | set(b[sec]))
+        if a[sec].get(k) != b[sec].get(k)
+    ]
 
 
 def dumps(cfg: Config) -> str:

@@ -31,13 +31,12 @@ from torch import Tensor, nn
 from idode.checkpoint import (
     CheckpointError,
     LoadedCheckpoint,
-    config_differences,
     find_checkpoint,
     load_checkpoint,
     load_newest_intact,
     save_checkpoint,
 )
-from idode.config import Config, ConfigError, dumps
+from idode.config import Config, ConfigError, config_differences, dumps
 from idode.data import augment_batch, dataset_from_config, held_out_subset, make_loader
 from idode.dequantization import bin_centers, nats_to_bits_per_dim
 from idode.distributed import DistEnv, all_gather, broadcast, dist_env, progress_bar, setup

@@ -70,13 +70,13 @@ def _train(args: argparse.Namespace, cfg, **kw) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from idode.checkpoint import load_newest_intact
+    from idode.checkpoint import read_config
     from idode.config import ConfigError, apply_overrides, dumps
 
     _run_guards(args)
     if args.resume:
-        ck, _ = load_newest_intact(args.out)  # train() names a damaged newer checkpoint
-        cfg = apply_overrides(ck.config, args.set)
+        # the settings only: train() loads and verifies the checkpoint (naming a damaged one)
+        cfg = apply_overrides(read_config(args.out)[2], args.set)
     else:
         if args.config is None:
             raise ConfigError("--config PRESET|FILE is required (or --resume to continue --out)")
@@ -88,24 +88,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from idode.checkpoint import load_checkpoint
-    from idode.config import ConfigError, apply_overrides, dumps
+    from idode.checkpoint import read_config
+    from idode.config import apply_overrides, dumps
     from idode.train import finetune_config
 
-    _run_guards(args)
-    if args.steps < 1:
-        raise ConfigError(f"--steps must be a positive number of extra steps, got {args.steps}")
-    ck = load_checkpoint(args.source)
-    cfg = finetune_config(ck.config, ck.step, args.steps, args.weight)
+    _run_guards(args)  # --steps is positive by its argument type
+    path, step, saved = read_config(args.source)  # train() loads and verifies the tensors
+    cfg = finetune_config(saved, step, args.steps, args.weight)
     cfg = apply_overrides(cfg, args.set)
     if args.dry_run:
         print(dumps(cfg))
         return 0
     print(
-        f"finetuning {ck.path} (step {ck.step}) with the second-order term, lambda_2="
+        f"finetuning {path} (step {step}) with the second-order term, lambda_2="
         f"{cfg.train.second_order_weight}, to step {cfg.train.steps}"
     )
-    return _train(args, cfg, init_from=ck.path)
+    return _train(args, cfg, init_from=path)
 
 
 def _done(res) -> None:
