@@ -293,3 +293,14 @@ def test_subset_is_deterministic_and_nested() -> None:
     assert not np.array_equal(subset(ds, 50, seed=4).images, a.images)
     with pytest.raises(ValueError):
         subset(ds, 5000)
+
+
+def test_content_hash_depends_on_values_order_and_levels_not_dtype():
+    x = np.arange(2 * 1 * 2 * 2, dtype=np.uint8).reshape(2, 1, 2, 2) % 5
+    a = ImageDataset(x, 5, "npz", "test")
+    assert a.content_hash() == ImageDataset(x.astype(np.int64), 5, "npz", "test").content_hash()
+    assert a.content_hash() != ImageDataset(x[::-1].copy(), 5, "npz", "test").content_hash()
+    assert a.content_hash() != ImageDataset(x, 6, "npz", "test").content_hash()
+    y = x.copy()
+    y[1, 0, 1, 1] = (y[1, 0, 1, 1] + 1) % 5
+    assert a.content_hash() != ImageDataset(y, 5, "npz", "test").content_hash()
