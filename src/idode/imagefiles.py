@@ -1,0 +1,121 @@
+"""Readers of the image file formats on disk, as validated integer numpy arrays.
+
+The dataset logic (splits, sources, ``ImageDataset``) is in ``idode.data``; this module knows the
+bytes: MNIST IDX, CIFAR-10 python batches, the header of an npz entry and its image layouts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import pickle
+import struct
+import zipfile
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from idode.validation import DatasetError
+
+__all__ = ["npz_header", "npz_images", "npz_num_levels", "read_cifar_batch", "read_idx_images"]
+
+
+def read_idx_images(path: Path) -> np.ndarray:
+    """An IDX3 ubyte image file (magic 2051) as uint8 [N, 1, rows, cols], validated."""
+    try:
+        with gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb") as f:
+            raw = f.read()
+    except (EOFError, OSError, zlib.error) as e:  # truncated gzip: EOFError; bad gzip: OSError
+        raise DatasetError(f"MNIST file {path} is corrupt or truncated: {e}") from e
+    if len(raw) < 16:
+        raise DatasetError(
+            f"MNIST file {path} is truncated: {len(raw)} bytes, shorter than the header"
+        )
+    magic, n, rows, cols = struct.unpack(">iiii", raw[:16])
+    if magic != 2051:
+        raise DatasetError(
+            f"MNIST file {path} is not an IDX image file: magic number {magic}, expected 2051 "
+            f"(unsigned bytes, 3 dimensions){'; this is a label file' if magic == 2049 else ''}"
+        )
+    expected = 16 + n * rows * cols
+    if n <= 0 or rows <= 0 or cols <= 0 or len(raw) != expected:
+        raise DatasetError(
+            f"MNIST file {path} is truncated or corrupt: its header says {n} images of "
+            f"{rows}x{cols} ({expected} bytes), the file has {len(raw)} bytes"
+        )
+    return np.frombuffer(raw, np.uint8, offset=16).reshape(n, 1, rows, cols).copy()
+
+
+def read_cifar_batch(path: Path, hint: str) -> np.ndarray:
+    """One CIFAR-10 python batch file as uint8 [n, 3, 32, 32]; ``hint`` ends every error."""
+    try:
+        with open(path, "rb") as f:
+            batch = pickle.load(f, encoding="bytes")  # the official python-2 pickles
+    except Exception as e:  # a damaged pickle can fail in many ways; all mean the same here
+        msg = f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {e}); "
+        raise DatasetError(msg + hint) from e
+    data = batch.get(b"data") if isinstance(batch, dict) else None
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise DatasetError(
+            f"{path} is not a CIFAR-10 python batch (no uint8 b'data' [n, 3072]); " + hint
+        )
+    if data.shape[1] != 3 * 32 * 32:
+        raise DatasetError(f"{path}: b'data' has shape {data.shape}, expected [n, 3072]")
+    return data.reshape(-1, 3, 32, 32)  # rows are R(1024) G(1024) B(1024), row-major
+
+
+def npz_header(path: Path, key: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of one array in an .npz, reading only its header (no decompression)."""
+    with zipfile.ZipFile(path) as zf, zf.open(f"{key}.npy") as f:
+        major, _ = np.lib.format.read_magic(f)
+        read = (
+            np.lib.format.read_array_header_1_0
+            if major == 1
+            else np.lib.format.read_array_header_2_0
+        )
+        shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def npz_num_levels(nl: np.ndarray, path: Path) -> int:
+    if nl.ndim != 0 or not np.issubdtype(nl.dtype, np.integer) or int(nl) < 2:
+        raise DatasetError(
+            f"{path}['num_levels'] must be a scalar integer >= 2 (e.g. np.int64(256)), got {nl!r}"
+        )
+    return int(nl)
+
+
+def npz_images(x: np.ndarray, num_levels: int, name: str) -> tuple[np.ndarray, str]:
+    """One split's array of an npz checked and laid out [N, C, H, W]; and its layout name."""
+    if not np.issubdtype(x.dtype, np.integer):
+        fix = f"convert with np.round(x * {num_levels - 1}).astype(np.uint8) if it holds [0, 1]"
+        raise DatasetError(
+            f"{name} has dtype {x.dtype}; it must hold integer grey levels (uint8 0..255), not "
+            f"{'booleans' if x.dtype == np.bool_ else 'scaled values'}: {fix}"
+        )
+    if x.ndim == 3:
+        layout, x = "NHW", x[:, None]
+    elif x.ndim == 4 and x.shape[3] in (1, 3) and x.shape[1] not in (1, 3):
+        layout, x = "NHWC", x.transpose(0, 3, 1, 2)
+    elif x.ndim == 4:
+        layout = "NCHW"
+    else:
+        raise DatasetError(
+            f"{name} has shape {x.shape} ({x.ndim} dimensions); images must be [N, H, W], "
+            f"[N, C, H, W] or [N, H, W, C]: reshape, e.g. x.reshape(N, H, W) for flat rows"
+        )
+    if x.size == 0:
+        raise DatasetError(f"{name} is empty (shape {x.shape}); store at least one image")
+    lo, hi = int(x.min()), int(x.max())
+    if lo < 0:
+        raise DatasetError(
+            f"{name} has negative values (min {lo}); grey levels run from 0 to num_levels - 1: "
+            f"shift them, e.g. x - x.min()"
+        )
+    if hi >= num_levels:
+        raise DatasetError(
+            f"{name} has values up to {hi} but num_levels={num_levels} allows 0..{num_levels - 1}; "
+            f"store the number of levels in the file: np.savez(..., num_levels={hi + 1})"
+        )
+    x = np.ascontiguousarray(x, dtype=np.uint8 if num_levels <= 256 else np.int32)
+    return x, layout
