@@ -106,7 +106,7 @@ class Protocol:
     )
     logp_atol: float | None = _knob(
         None,
-        "log-density tolerance in nats, with tolerance=logp (default 1e-4 bits/dim)",
+        "log-density tolerance in nats, with tolerance=logp (None: 1e-4 bits/dim x d ln 2)",
         _POSITIVE,
     )
     elbo_importance_sampling: bool = _knob(
