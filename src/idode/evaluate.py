@@ -460,9 +460,7 @@ def _solver_error(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def _stats(values: list[float]) -> dict[str, Any]:
     """eval.json's summary of per-example values (``idode.stats.summarize``; None below n = 2)."""
-    s = summarize_values(values)
-    ci = list(s.ci95) if s.ci95 is not None else None
-    return {"mean": s.mean, "stderr": s.stderr, "ci95": ci, "std": s.std, "n": s.n}
+    return summarize_values(values).to_json()
 
 
 def summarize(rows: list[dict[str, Any]], n: int | None = None, num_samples: int = 1) -> dict:
