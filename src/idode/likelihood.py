@@ -209,7 +209,7 @@ def bits_per_dim(
     check_integer_data(x_int, num_levels)
     if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    b, d, dev = x_int.shape[0], x_int[0].numel(), x_int.device
+    b = x_int.shape[0]
     stats, examples = SolverStats(), {}
     stream = iter_bits_per_dim(
         model, x_int, num_levels, protocol, batch_size=batch_size, generator=generator,
@@ -218,6 +218,12 @@ def bits_per_dim(
     for group in stream:
         examples.update((e.index, e) for e in group)
     ex = [examples[i] for i in range(b)]
+    return _bpd_result(model, protocol, ex, stats, x_int, num_levels, batch_size)
+
+
+def _bpd_result(model, protocol: Protocol, ex, stats, x_int, num_levels, batch_size) -> BPDResult:
+    """The BPDResult of the finished examples ``ex`` of x_int (in order), terms as [B, K]."""
+    d, dev = x_int[0].numel(), x_int.device
     lp, prior, delta, dec, lq, err, steps = (
         stack_examples(ex, k).to(dev)
         for k in ("log_p_model", "prior_logp", "delta_logp", "log_decoder", "log_q",
