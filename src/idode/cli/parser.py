@@ -73,6 +73,15 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _integer(text: str) -> int:
+    from idode.validation import InputError
+
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"{text!r} is not an integer") from None
+
+
 def _finite(text: str) -> float:
     from idode.validation import InputError
 
@@ -120,6 +129,7 @@ POSITIVE_FLOAT = _arg_type("positive_float", lambda t: _positive(t, False))
 NON_NEGATIVE_FLOAT = _arg_type("non_negative_float", _non_negative)
 NON_NEGATIVE_INT = _arg_type("non_negative_int", lambda t: _non_negative_int(t))
 FLOAT = _arg_type("float", lambda t: _finite(t))
+INT = _arg_type("int", lambda t: _integer(t))
 OUT_DIR = _arg_type("out_dir", lambda t: _out_path(t, True))
 OUT_PREFIX = _arg_type("out_prefix", lambda t: _out_path(t, False))
 DEVICE = _arg_type("device", _device)
@@ -242,7 +252,9 @@ def _add_protocol_flags(e: argparse.ArgumentParser) -> None:
     from idode.protocol import settings_schema
 
     number = {("int", "positive"): POSITIVE_INT, ("float", "positive"): POSITIVE_FLOAT,
-              ("int", "non_negative"): NON_NEGATIVE_INT, ("float", None): FLOAT}  # fmt: skip
+              ("int", "non_negative"): NON_NEGATIVE_INT,
+              ("float", "non_negative"): NON_NEGATIVE_FLOAT,
+              ("int", None): INT, ("float", None): FLOAT}  # fmt: skip
     for s in settings_schema():
         flag, help_ = "--" + s.name.replace("_", "-"), f"{s.help} (default: checkpoint)"
         if s.kind == "bool":
