@@ -330,3 +330,22 @@ def test_an_identity_file_of_an_older_idode_is_refused(ckpt, reference, tmp_path
     (out / "eval_settings.json").write_text(json.dumps({"checkpoint": "/x", "seed": 0}))
     with pytest.raises(EvalSettingsError, match="older idode.*--overwrite"):
         evaluate(ckpt, out, **FAST)
+
+
+def test_a_protocol_replaces_all_of_the_checkpoints(protocol_ckpt, tmp_path):
+    from idode.protocol import Protocol
+
+    p = Protocol(rtol=1e-3, atol=1e-3, tolerance="paper", seed=4)
+    res = evaluate(
+        protocol_ckpt, tmp_path / "e", protocol=p, max_examples=2, device="cpu",
+        progress=False, with_elbo=False, num_samples=2,
+    )  # fmt: skip
+    st, src = res["settings"], res["settings_source"]
+    assert Protocol.from_json({k: st[k] for k in Protocol.field_names()}) == p.replace(
+        num_samples=2
+    )
+    assert st["protocol_fingerprint"] == p.replace(num_samples=2).fingerprint()
+    assert src["dequantization"] == src["num_samples"] == "argument"
+    assert src["batch_size"] == "checkpoint"
+    saved = json.loads((tmp_path / "e" / "eval_settings.json").read_text())
+    assert Protocol.from_json(saved["protocol"]) == p.replace(num_samples=2)

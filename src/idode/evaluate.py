@@ -265,7 +265,7 @@ def evaluate(
     env, dev, model, ck, ds = _load(
         checkpoint, ema, device, split, data_root, max_examples, data, overrides
     )
-    ev, source = resolve_settings(ck.config, **given)
+    ev, source = resolve_settings(ck.config, protocol, **settings)
     out = Path(out_dir) if out_dir is not None else default_eval_dir(ck, split, ev)
     ident = _identity(ck, ema, ds, ev, with_elbo, dev)
     x_all = ds.as_tensor()
