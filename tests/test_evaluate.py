@@ -299,7 +299,7 @@ def test_other_data_under_the_same_name_is_refused(ckpt, reference, tmp_path, co
     assert first["bpd"]["n"] == 3
     calls.clear()
     with pytest.raises(EvalSettingsError) as e:
-        evaluate(ckpt, out, overrides=[f"data.path={file_b}"], **{**common, "max_examples": 6})
+        evaluate(ckpt, out, data_root=str(file_b), **{**common, "max_examples": 6})
     message = str(e.value)
     assert "\n" not in message and "differs in data" in message and "--overwrite" in message
     assert "example 0" in message and calls == []

@@ -136,10 +136,10 @@ def _load(checkpoint, ema: bool, device: str, split: str, data_root, max_example
 
     env, dev = setup(device, key="--device")
     if is_model_folder(checkpoint):
-        model, ck = _load_model_folder(checkpoint, dev, data, overrides)
+        model, ck = _load_model_folder(checkpoint, dev, data, overrides, data_root)
     else:
         model, ck = load_model(find_checkpoint(checkpoint).resolve(), ema=ema, device=dev)
-        data_cfg = _eval_data_config(ck.config.data, data, overrides)
+        data_cfg = _eval_data_config(ck.config.data, data, overrides, data_root)
         if data_root is not None and data_cfg.name == "npz":
             data_cfg = replace(data_cfg, path=None)  # --data-root FILE.npz replaces data.path
         ck = replace(ck, config=replace(ck.config, data=data_cfg))
@@ -177,8 +177,9 @@ def _dataset(ck: LoadedCheckpoint, split: str, data_root: str | None, max_exampl
 # --------------------------------------------------------------------------------------------------
 
 
-def _eval_data_config(base: DataConfig, name: str | None, overrides: list[str] | None):
-    """The data config of an evaluation: ``base`` with --data NAME and --set data.KEY=VALUE."""
+def _eval_data_config(base: DataConfig, name: str | None, overrides: list[str] | None, root=None):
+    """The data config of an evaluation: ``base`` with --data NAME and --set data.KEY=VALUE
+    (for npz data, --data-root FILE.npz is its file)."""
     bad = [o for o in overrides or [] if not o.strip().startswith("data.")]
     if bad:
         raise ConfigError(
@@ -187,10 +188,12 @@ def _eval_data_config(base: DataConfig, name: str | None, overrides: list[str] |
     if name is None and not overrides:
         return base
     cfg = Config(data=base if name is None else replace(base, name=name))
+    if root is not None and cfg.data.name == "npz":
+        cfg = replace(cfg, data=replace(cfg.data, path=str(root)))
     return apply_overrides(cfg, overrides).data
 
 
-def _load_model_folder(path, dev: torch.device, data: str | None, overrides: list[str] | None):
+def _load_model_folder(path, dev, data: str | None, overrides: list[str] | None, root=None):
     """(model, a stand-in checkpoint record) of a diffusers model folder; data must be named.
 
     The record carries the default evaluation protocol and the named dataset; its shape and
@@ -203,7 +206,7 @@ def _load_model_folder(path, dev: torch.device, data: str | None, overrides: lis
             f"{path} is a diffusers model folder, which names no dataset: pass --data NAME "
             f"({', '.join(DATASETS)}) and --set data.root=DIR (or data.path=FILE.npz)"
         )
-    data_cfg = _eval_data_config(DataConfig(), data, overrides)
+    data_cfg = _eval_data_config(DataConfig(), data, overrides, root)
     model, info = load_model_folder(path, device=dev)
     meta = {"model_folder": info}
     ck = LoadedCheckpoint(
