@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 
 import numpy as np
 import pytest
@@ -83,7 +84,12 @@ def test_load_model_folder_layouts_and_the_loaded_model(pipeline_dir, tmp_path):
     diffusers.DDPMScheduler(prediction_type="v_prediction").save_config(flat)
     flat_model, _ = idode.adapters.load_model_folder(flat)
     # and unet/ pointed at directly, finding ../scheduler/
-    sub_model, _ = idode.adapters.load_model_folder(pipeline_dir / "unet")
+    sub_model, sub_info = idode.adapters.load_model_folder(pipeline_dir / "unet")
+    # the weights' identity (the resume guard of idode eval): the files, not where they lie
+    assert sub_info["checksum"] == info["checksum"] and info["checksum"].startswith("sha256:")
+    moved = tmp_path / "moved"
+    shutil.copytree(pipeline_dir, moved)
+    assert idode.adapters.load_model_folder(moved)[1]["checksum"] == info["checksum"]
     z = torch.randn(2, 1, 8, 8)
     g = torch.tensor([-3.0, 2.5])
     with torch.no_grad():

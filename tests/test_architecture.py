@@ -19,8 +19,10 @@ LAYERS: dict[int, set[str]] = {
         "divergence",
         "solvers",
         "dequantization",
-        "likelihood",
+        "protocol",
+        "augmented",
         "continuous",
+        "likelihood",
         "sampler",
     },
     2: {  # models, data, configs and file formats

@@ -157,14 +157,14 @@ def test_other_settings_in_the_same_directory_are_refused(ckpt, reference, tmp_p
     out = tmp_path / "eval"
     shutil.copytree(reference[0], out)
     with pytest.raises(
-        EvalSettingsError, match=r"other settings \(seed: saved 0, now 1\).*overwrite"
+        EvalSettingsError, match=r"differs in protocol \(seed: saved 0, now 1\); .*--overwrite"
     ):
         evaluate(ckpt, out, **{**FAST, "seed": 1})
     assert len(read_per_example(out)) == 12  # untouched
     res = evaluate(ckpt, out, **{**FAST, "seed": 1, "max_examples": 2, "overwrite": True})
     assert res["bpd"]["n"] == 2 and res["settings"]["seed"] == 1
     assert sorted(read_per_example(out)) == [0, 1]
-    assert json.loads((out / "eval_settings.json").read_text())["seed"] == 1
+    assert json.loads((out / "eval_settings.json").read_text())["protocol"]["seed"] == 1
     (out / "eval_settings.json").unlink()
     with pytest.raises(EvalSettingsError, match="no eval_settings.json"):
         evaluate(ckpt, out, **FAST)
@@ -268,3 +268,84 @@ def test_bad_arguments_are_refused_before_anything_is_written(protocol_ckpt, tmp
         with pytest.raises(ConfigError, match=message):
             evaluate(protocol_ckpt, out, device="cpu", progress=False, **kwargs)
     assert not out.exists()
+
+
+def test_a_copied_run_resumes_its_evaluation(ckpt, reference, tmp_path, count_batches):
+    """No path in the identity: the run and its evaluation moved elsewhere resume as they are."""
+    calls, _ = count_batches
+    run, out = tmp_path / "moved" / "run", tmp_path / "moved" / "eval"
+    shutil.copytree(ckpt, run)
+    shutil.copytree(reference[0], out)
+    res = evaluate(run, out, **FAST)
+    assert calls == []  # every row reused
+    assert res["bpd"] == reference[1]["bpd"]
+    assert res["checkpoint"]["checksum"] == reference[1]["checkpoint"]["checksum"]
+    assert res["checkpoint"]["checksum"].startswith("sha256:")
+
+
+def test_other_data_under_the_same_name_is_refused(ckpt, reference, tmp_path, count_batches):
+    """The case of the issue: rows of one data file, then the same name with other images."""
+    from idode.data import load_dataset
+
+    calls, _ = count_batches
+    digits = load_dataset("digits", "test")
+    file_a, file_b = tmp_path / "a.npz", tmp_path / "b.npz"
+    levels = np.int64(digits.num_levels)
+    np.savez(file_a, x_test=digits.images[:6], num_levels=levels)
+    np.savez(file_b, x_test=digits.images[6:12], num_levels=levels)
+    out = tmp_path / "eval"
+    common = {**FAST, "max_examples": 3, "data": "npz", "with_elbo": False}
+    first = evaluate(ckpt, out, overrides=[f"data.path={file_a}"], **common)
+    assert first["bpd"]["n"] == 3
+    calls.clear()
+    with pytest.raises(EvalSettingsError) as e:
+        evaluate(ckpt, out, data_root=str(file_b), **{**common, "max_examples": 6})
+    message = str(e.value)
+    assert "\n" not in message and "differs in data" in message and "--overwrite" in message
+    assert "example 0" in message and calls == []
+    assert sorted(read_per_example(out)) == [0, 1, 2]  # untouched
+    # the same images in another file resume, and extend to more examples
+    copy = tmp_path / "elsewhere" / "a.npz"
+    copy.parent.mkdir()
+    shutil.copy(file_a, copy)
+    res = evaluate(ckpt, out, overrides=[f"data.path={copy}"], **{**common, "max_examples": 6})
+    assert calls == [3] and res["bpd"]["n"] == 6
+    assert res["dataset"]["content_hash"] == load_dataset("npz", "test", path=file_a).content_hash()
+
+
+def test_another_checkpoint_in_the_same_directory_is_refused(ckpt, reference, tmp_path):
+    other = tmp_path / "other"
+    train(apply_overrides(get_preset("digits_cpu"), [*TINY, "train.seed=2"]), other, progress=False)
+    out = tmp_path / "eval"
+    shutil.copytree(reference[0], out)
+    with pytest.raises(EvalSettingsError, match=r"differs in model \(checksum: saved 'sha256:"):
+        evaluate(other, out, **FAST)
+    with pytest.raises(EvalSettingsError, match=r"differs in model \(ema: saved True, now False"):
+        evaluate(ckpt, out, **{**FAST, "ema": False})
+
+
+def test_an_identity_file_of_an_older_idode_is_refused(ckpt, reference, tmp_path):
+    out = tmp_path / "eval"
+    shutil.copytree(reference[0], out)
+    (out / "eval_settings.json").write_text(json.dumps({"checkpoint": "/x", "seed": 0}))
+    with pytest.raises(EvalSettingsError, match="older idode.*--overwrite"):
+        evaluate(ckpt, out, **FAST)
+
+
+def test_a_protocol_replaces_all_of_the_checkpoints(protocol_ckpt, tmp_path):
+    from idode.protocol import Protocol
+
+    p = Protocol(rtol=1e-3, atol=1e-3, tolerance="paper", seed=4)
+    res = evaluate(
+        protocol_ckpt, tmp_path / "e", protocol=p, max_examples=2, device="cpu",
+        progress=False, with_elbo=False, num_samples=2,
+    )  # fmt: skip
+    st, src = res["settings"], res["settings_source"]
+    assert Protocol.from_json({k: st[k] for k in Protocol.field_names()}) == p.replace(
+        num_samples=2
+    )
+    assert st["protocol_fingerprint"] == p.replace(num_samples=2).fingerprint()
+    assert src["dequantization"] == src["num_samples"] == "argument"
+    assert src["batch_size"] == "checkpoint"
+    saved = json.loads((tmp_path / "e" / "eval_settings.json").read_text())
+    assert Protocol.from_json(saved["protocol"]) == p.replace(num_samples=2)

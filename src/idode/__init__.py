@@ -7,6 +7,8 @@ The public API::
     loss = idode.diffusion_loss(model, x)                          # [B] nats
     ll = idode.log_likelihood(model, z, divergence="exact")        # ll.logp [B], ll.nfe
     res = idode.bits_per_dim(model, x_int, num_levels=256)         # res.bpd [B], res.nfe
+    p = idode.Protocol(num_samples=5, rtol=1e-6)                   # every setting of a bits/dim
+    res = idode.bits_per_dim(model, x_int, 256, protocol=p)        # its seed's per-image noise
     elbo = idode.elbo_bits_per_dim(model, x_int, num_levels=256)   # [B]
     samples = idode.sample(model, num_samples=16, shape=(3, 32, 32))
     model, info = idode.load_model("RUN_DIR", ema=True)           # a checkpoint, in eval mode
@@ -32,6 +34,7 @@ from idode.likelihood import (
 )
 from idode.losses import LossTerms, diffusion_loss, diffusion_loss_terms
 from idode.parameterization import PARAMETERIZATIONS, DiffusionODE
+from idode.protocol import Protocol
 from idode.sampler import SampleResult, ode_sample, sample
 from idode.schedules import Schedule, SPSchedule, VPSchedule, make_schedule
 
@@ -45,6 +48,7 @@ __all__ = [
     "LogLikelihoodResult",
     "LossTerms",
     "PARAMETERIZATIONS",
+    "Protocol",
     "SPSchedule",
     "SampleResult",
     "Schedule",

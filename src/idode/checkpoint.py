@@ -314,6 +314,7 @@ class LoadedCheckpoint:
     loader_states: list[dict] = field(default_factory=list)  # per rank, for an exact resume
     dataset: dict = field(default_factory=dict)  # name and file info of the training data
     metrics: dict = field(default_factory=dict)  # the last logged metrics
+    checksum: str = ""  # "sha256:<hex>" of the state file: the weights' identity, not their path
 
     def section(self, prefix: str) -> dict[str, Tensor]:
         n = len(prefix) + 1
@@ -385,8 +386,9 @@ def _setting_hint(saved: Config, now: Config | None) -> str:
     return "build the model from the checkpoint's own config (idode.checkpoint.load_model)"
 
 
-def _read_state(ckpt: Path, meta: dict) -> dict[str, Tensor]:
-    """The tensors of ``ckpt``, their bytes checked against meta.json's checksum (format >= 2)."""
+def _read_state(ckpt: Path, meta: dict) -> tuple[dict[str, Tensor], str]:
+    """The tensors of ``ckpt`` and their file's checksum, the bytes checked against meta.json's
+    record (format >= 2; format 1 records none, so it is computed)."""
     from safetensors.torch import load
 
     path = ckpt / STATE_FILE
@@ -396,9 +398,9 @@ def _read_state(ckpt: Path, meta: dict) -> dict[str, Tensor]:
         raise CheckpointError(
             f"incomplete checkpoint {ckpt}: cannot read {STATE_FILE}: {e}"
         ) from None
+    actual = _sha256(data)
     if meta["format_version"] >= 2:
         expected = (meta.get("checksums") or {}).get(STATE_FILE)
-        actual = _sha256(data)
         if expected != actual:
             raise CheckpointError(
                 f"corrupt checkpoint tensors {path}: its checksum is {actual} but {META_FILE} "
@@ -407,7 +409,7 @@ def _read_state(ckpt: Path, meta: dict) -> dict[str, Tensor]:
                 f"restore the file from a backup"
             )
     try:
-        return load(data)
+        return load(data), actual
     except Exception as e:  # safetensors raises several types for truncated/garbled files
         raise CheckpointError(f"corrupt checkpoint tensors {path}: {e}") from None
 
@@ -449,7 +451,7 @@ def read_config(path: str | os.PathLike) -> tuple[Path, int, Config]:
 def _load_dir(ckpt: Path) -> LoadedCheckpoint:
     """Read and verify one step folder."""
     meta, cfg = _read_meta(ckpt)
-    tensors = _read_state(ckpt, meta)
+    tensors, checksum = _read_state(ckpt, meta)
     extra = meta.get("extra") or {}
     return LoadedCheckpoint(
         ckpt,
@@ -463,6 +465,7 @@ def _load_dir(ckpt: Path) -> LoadedCheckpoint:
         loader_states=list(extra.get("loader") or []),
         dataset=dict(extra.get("dataset") or {}),
         metrics=dict(extra.get("metrics") or {}),
+        checksum=checksum,
     )
 
 

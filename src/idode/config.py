@@ -16,11 +16,10 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 from idode.data import DatasetName, ImageNetVersion, Split
-from idode.dequantization import Dequantization
 from idode.divergence import ProbeKind
-from idode.likelihood import Divergence, Tolerance
 from idode.nets import NetKind
 from idode.parameterization import Parameterization
+from idode.protocol import Protocol
 from idode.schedules import ScheduleName
 from idode.validation import InputError, check_choice, check_device
 
@@ -116,20 +115,16 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    """The evaluation protocol: what `idode eval` and the periodic ODE evaluation compute."""
+class EvalConfig(Protocol):
+    """The evaluation section: the protocol (``idode.Protocol``: every setting that defines a
+    bits/dim, its fields are this section's keys) and how it is run."""
 
-    dequantization: Dequantization = "truncated_normal"  # truncated_normal | uniform | variational
-    num_samples: int = 1  # K dequantization draws per image
-    importance_weighted: bool = False  # report the IW bound (with -log K) instead of the mean
-    divergence: Divergence = "rademacher"  # exact | rademacher | gaussian
-    rtol: float = 1e-5  # ODE relative tolerance
-    atol: float = 1e-5  # ODE absolute tolerance
-    tolerance: Tolerance = "logp"  # error control: logp (image RMS + the log-density's own test)
-    #                                 | paper (one RMS over image and log-density, as official)
-    logp_atol: float | None = None  # log-density tolerance, nats (None: 1e-4 bits/dim x d ln 2)
-    batch_size: int = 256  # images per ODE solve
-    seed: int = 0  # seed of the per-example dequantization noise and probes
+    batch_size: int = 256  # rows per network call, refilled as solves end (not in the protocol)
+
+    @property
+    def protocol(self) -> Protocol:
+        """The protocol alone (without the batch size)."""
+        return Protocol.of(self)
 
 
 @dataclass(frozen=True)
@@ -146,6 +141,7 @@ class Config:
         """Check every field (type, choice, range, combination); one ConfigError naming the knob."""
         for section in _section_types():
             _check_section(section, getattr(self, section))
+        self.eval.validate("eval.", ConfigError)  # the protocol checks its own settings
         _check_ranges(self)
         _check_combinations(self)
         return self
@@ -182,12 +178,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "train.ode_eval_every": (_NONNEG, ">= 0 (0: never)"),
     "train.checkpoint_every": (_POSITIVE, ">= 1"),
     "train.keep_checkpoints": (_POSITIVE, ">= 1"),
-    "eval.num_samples": (_POSITIVE, ">= 1"),
-    "eval.rtol": (_POSITIVE, "> 0"),
-    "eval.atol": (_POSITIVE, "> 0"),
-    "eval.logp_atol": (_POSITIVE, "> 0 (nats) or None"),
     "eval.batch_size": (_POSITIVE, ">= 1"),
-    "eval.seed": (_NONNEG, ">= 0"),
 }
 
 
@@ -241,10 +232,6 @@ def _check_combinations(cfg: Config) -> None:
         raise ConfigError(
             f"the network's gamma range [{net_lo}, {net_hi}] is empty: set "
             f"model.net_gamma_min < model.net_gamma_max"
-        )
-    if cfg.eval.tolerance == "paper" and cfg.eval.logp_atol is not None:
-        raise ConfigError(
-            "eval.logp_atol has no effect with eval.tolerance=paper; drop one of them"
         )
     if cfg.data.name == "npz" and not cfg.data.path:
         raise ConfigError("data.name=npz needs data.path=FILE.npz")

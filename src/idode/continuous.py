@@ -14,22 +14,16 @@ other jobs, or the number of processes.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from idode.dequantization import UNIFORM_GAMMA_START, bits_per_dim_from_nats, dequantize
+from idode.augmented import augmented_field, eval_mode, gaussian_log_prob, hutchinson_probes
+from idode.dequantization import dequantization_bounds, dequantize
 from idode.divergence import first_order_input_gradients
-from idode.likelihood import (
-    _probes,
-    augmented_field,
-    eval_mode,
-    gaussian_log_prob,
-    solver_tolerances,
-)
+from idode.protocol import Protocol
 from idode.rng import Generators
 from idode.solvers import Jobs, SolverStats, nfe_of_steps, solve_stream
 
@@ -62,24 +56,8 @@ def stack_examples(examples: list[ExampleBPD], name: str) -> Tensor:
     return torch.stack([getattr(e, name) for e in examples])
 
 
-def bpd_columns(
-    log_p_model: Tensor,
-    log_decoder: Tensor,
-    log_q: Tensor,
-    expected_log_q: Tensor,
-    num_dims: int,
-    analytic_entropy: bool = True,
-) -> dict[str, Tensor]:
-    """Bits/dim of the K-sample bounds from [B, K] terms: mean of bounds and importance weighted."""
-    k = log_p_model.shape[1]
-    bound_sample = log_p_model + log_decoder - log_q  # [B, K]
-    iw = torch.logsumexp(bound_sample, dim=1) - math.log(k)
-    lq_for_mean = expected_log_q[:, None] if analytic_entropy else log_q
-    mean = (log_p_model + log_decoder - lq_for_mean).mean(dim=1)
-    return {
-        "bpd_mean_of_bounds": bits_per_dim_from_nats(mean, num_dims),
-        "bpd_importance_weighted": bits_per_dim_from_nats(iw, num_dims),
-    }
+# the old name of the one assembly of per-draw terms into bounds
+bpd_columns = dequantization_bounds
 
 
 class _JobSource:
@@ -90,21 +68,26 @@ class _JobSource:
         model,
         x_int: Tensor,
         num_levels: int,
-        kind: str,
-        num_samples: int,
-        divergence: str,
-        num_probes: int,
+        protocol: Protocol,
         generator: Generators,
-        uniform_gamma_start: float,
         example_major: bool,
     ) -> None:
         n = x_int.shape[0]
         if isinstance(generator, Sequence) and len(generator) != n:
             raise ValueError(f"got {len(generator)} per-example generators for {n} examples")
-        self.model, self.x, self.levels, self.kind = model, x_int, num_levels, kind
-        self.divergence, self.num_probes, self.gen = divergence, num_probes, generator
-        self.gamma_u, self.k = uniform_gamma_start, num_samples
-        ex, dr = range(n), range(num_samples)
+        self.model, self.x, self.levels, self.kind = (
+            model,
+            x_int,
+            num_levels,
+            protocol.dequantization,
+        )
+        self.divergence, self.num_probes, self.gen = (
+            protocol.divergence,
+            protocol.num_probes,
+            generator,
+        )
+        self.gamma_u, self.k = protocol.uniform_gamma_start, protocol.num_samples
+        ex, dr = range(n), range(self.k)
         self.order = (
             [(i, k) for i in ex for k in dr] if example_major else [(i, k) for k in dr for i in ex]
         )
@@ -126,7 +109,9 @@ class _JobSource:
         shape, dev = tuple(self.x.shape[1:]), self.x.device
         new = [i for i, k in keys if k == 0]
         if self.divergence != "exact" and new:  # an example's probe: its first draw
-            u = _probes(self.num_probes, (len(new), *shape), self.divergence, self._gens(new), dev)
+            u = hutchinson_probes(
+                self.num_probes, (len(new), *shape), self.divergence, self._gens(new), dev
+            )
             u = u.transpose(0, 1) if self.num_probes > 1 else u
             self.probes.update(zip(new, u, strict=True))
         x = self.x[torch.tensor(idx, device=dev)]
@@ -159,42 +144,27 @@ def iter_bits_per_dim(
     model,
     x_int: Tensor,
     num_levels: int,
-    dequantization: str,
-    num_samples: int,
-    divergence: str,
+    protocol: Protocol,
     *,
-    rtol: float,
-    atol: float,
-    tolerance: str = "logp",
-    logp_atol: float | None = None,
     batch_size: int | None = None,
-    num_probes: int = 1,
     generator: Generators = None,
-    uniform_gamma_start: float = UNIFORM_GAMMA_START,
     net_kwargs: dict | None = None,
     stats: SolverStats | None = None,
 ) -> Iterator[list[ExampleBPD]]:
     """Yield groups of finished examples of x_int [N, ...] (validated by the caller).
 
+    ``protocol``: the dequantization, K draws, divergence and tolerances of every job.
     ``batch_size``: at most this many rows per network call, refilled as rows finish, the jobs
     taken example by example; None: N rows, the jobs taken draw by draw (all first draws, then
     all second draws, ...), like solving the K draws one after the other.
     """
     n, shape, d = x_int.shape[0], tuple(x_int.shape[1:]), x_int[0].numel()
-    tols = solver_tolerances(tolerance, rtol, atol, logp_atol, d)
+    tols = protocol.solver_options(d)
     source = _JobSource(
-        model,
-        x_int,
-        num_levels,
-        dequantization,
-        num_samples,
-        divergence,
-        num_probes,
-        generator,
-        uniform_gamma_start,
-        example_major=batch_size is not None,
+        model, x_int, num_levels, protocol, generator, example_major=batch_size is not None
     )
-    field_ = augmented_field(model, divergence, shape, net_kwargs)
+    num_samples = protocol.num_samples
+    field_ = augmented_field(model, protocol.divergence, shape, net_kwargs)
     var = model.schedule.sigma2_max
     parts: dict[int, dict[int, tuple]] = {}
     with eval_mode(model), torch.no_grad(), first_order_input_gradients():

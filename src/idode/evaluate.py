@@ -5,22 +5,24 @@ Hutchinson probe and ELBO noise come from its own generators (``idode.rng``) and
 controls the error of each example separately. So an evaluation can be cut into batches, shards
 and restarts freely (up to float rounding of batched network calls):
 
-- the protocol (dequantization, K, importance weighting, divergence, tolerances, batch size,
-  seed) is the checkpoint's ``eval`` config, each argument given overriding it;
+- the protocol (``idode.Protocol``: dequantization, K, bound, divergence, solver, ELBO, seed) and
+  the batch size are the checkpoint's ``eval`` config, each argument given overriding it;
 - examples stream through continuous batching (``idode.continuous``): at most ``batch_size``
   rows per network call, a finished row taking the next (example, draw) at once;
 - per-example results are appended to ``OUT/per_example.jsonl`` (``per_example.rank{r}.jsonl``
   on rank r of a multi-process run) as examples finish, flushed and fsynced; a restart with the
   same settings skips the examples already done (any file, any world size), and a line cut by a
-  kill is dropped and recomputed. ``OUT/eval_settings.json`` holds the fingerprint of the
-  settings that define a result; other settings in the same OUT are refused (``evalfiles``).
+  kill is dropped and recomputed. ``OUT/eval_settings.json`` holds what the numbers depend on
+  (protocol, model checksum, data; ``evalfiles``), each row its image's hash; a resume with any
+  of them changed is refused with one line naming it, a copied or moved folder resumes.
 - under ``torchrun`` rank r of W evaluates examples r, r + W, ... with the plain (unwrapped)
   model and no collective inside the ODE solve; rank 0 then merges all files into
   ``per_example.jsonl`` (sorted, deduplicated) and writes ``eval.json`` atomically.
 
-Batch size, device index, world size and ``max_examples`` are not part of the fingerprint, so an
-evaluation can be extended to more examples, or resumed with another batch size or on more GPUs.
-The device *type* is part of it: CPU and CUDA generators draw different streams.
+Batch size, device index, world size and ``max_examples`` are not part of the identity, so an
+evaluation can be extended to more examples (the rows already done are checked image by image),
+or resumed with another batch size or on more GPUs. The device *type* is part of it: CPU and
+CUDA generators draw different streams.
 """
 
 from __future__ import annotations
@@ -39,20 +41,22 @@ from torch import Tensor
 
 from idode.checkpoint import LoadedCheckpoint, find_checkpoint, load_model, run_folder
 from idode.config import Config, ConfigError, DataConfig, EvalConfig, apply_overrides
-from idode.continuous import bpd_columns, iter_bits_per_dim, stack_examples
+from idode.continuous import iter_bits_per_dim, stack_examples
 from idode.data import DATASETS, DatasetName, Split, dataset_from_config
-from idode.dequantization import Dequantization, bits_per_dim_from_nats
+from idode.dequantization import bits_per_dim_from_nats
 from idode.distributed import broadcast, progress_bar, setup
 from idode.evalfiles import (
     EXAMPLES_FILE,
     RESULT_FILE,
     SETTINGS_FILE,
+    identity,
+    image_hash,
     merge_examples,
     prepare_out_dir,
     read_per_example,
 )
-from idode.likelihood import Divergence, Tolerance, elbo
-from idode.rng import example_generators
+from idode.likelihood import elbo
+from idode.protocol import Protocol
 from idode.rundir import (
     append_jsonl,
     truncate_partial_line,
@@ -72,22 +76,21 @@ __all__ = [
     "summarize",
 ]
 
-# the settings of EvalConfig that `idode eval` flags override
-EVAL_FLAGS = ("dequantization", "num_samples", "importance_weighted", "divergence", "rtol", "atol",
-              "batch_size", "seed", "tolerance", "logp_atol")  # fmt: skip
+# the settings of EvalConfig that arguments (and `idode eval` flags) override: the protocol's
+EVAL_FLAGS = (*Protocol.field_names(), "batch_size")
 
 
 class EvalSettingsError(ConfigError):
     """An output directory that holds results of other settings."""
 
 
-def resolve_settings(cfg: Config, **flags: Any) -> tuple[EvalConfig, dict[str, str]]:
-    """The evaluation protocol: the checkpoint's ``eval`` config, with each flag that is not None
-    overriding it. Returns the settings and, per setting, where it came from."""
-    unknown = set(flags) - set(EVAL_FLAGS)
-    if unknown:
-        raise TypeError(f"unknown evaluation setting(s) {sorted(unknown)}; valid: {EVAL_FLAGS}")
-    given = {k: v for k, v in flags.items() if v is not None}
+def resolve_settings(
+    cfg: Config, protocol: Protocol | None = None, **flags: Any
+) -> tuple[EvalConfig, dict[str, str]]:
+    """The evaluation protocol: the checkpoint's ``eval`` config, overridden by ``protocol`` (all
+    its settings) and then by each flag that is not None. Returns the settings and, per setting,
+    where it came from."""
+    given = _given(protocol, flags)
     ev = replace(cfg.eval, **given)
     replace(Config(), eval=ev).validate()  # one ConfigError naming eval.<knob>
     return ev, {k: "argument" if k in given else "checkpoint" for k in EVAL_FLAGS}
@@ -102,12 +105,24 @@ def default_eval_dir(ck: LoadedCheckpoint, split: str, ev: EvalConfig) -> Path:
     return run_folder(ck.path) / "evals" / name
 
 
-def _check_arguments(split: str, max_examples: int | None, flags: dict[str, Any]) -> None:
+def _given(protocol: Protocol | None, flags: dict[str, Any]) -> dict[str, Any]:
+    """The settings an evaluation's arguments give: all of ``protocol``'s, then each flag not
+    None; an unknown flag is refused, listing the valid ones."""
+    unknown = set(flags) - set(EVAL_FLAGS)
+    if unknown:
+        raise ConfigError(
+            f"unknown evaluation setting(s) {', '.join(sorted(unknown))}; valid: "
+            f"{', '.join(EVAL_FLAGS)}"
+        )
+    base = {} if protocol is None else {n: getattr(protocol, n) for n in Protocol.field_names()}
+    return {**base, **{k: v for k, v in flags.items() if v is not None}}
+
+
+def _check_arguments(split: str, max_examples: int | None, given: dict[str, Any]) -> None:
     """Every argument checked before anything is loaded or written."""
     check_choice("split", split, get_args(Split), error=ConfigError)
     if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
         raise ConfigError(f"max_examples must be a positive integer or None, got {max_examples!r}")
-    given = {k: v for k, v in flags.items() if v is not None}
     replace(Config(), eval=replace(EvalConfig(), **given)).validate()
 
 
@@ -121,10 +136,10 @@ def _load(checkpoint, ema: bool, device: str, split: str, data_root, max_example
 
     env, dev = setup(device, key="--device")
     if is_model_folder(checkpoint):
-        model, ck = _load_model_folder(checkpoint, dev, data, overrides)
+        model, ck = _load_model_folder(checkpoint, dev, data, overrides, data_root)
     else:
         model, ck = load_model(find_checkpoint(checkpoint).resolve(), ema=ema, device=dev)
-        data_cfg = _eval_data_config(ck.config.data, data, overrides)
+        data_cfg = _eval_data_config(ck.config.data, data, overrides, data_root)
         if data_root is not None and data_cfg.name == "npz":
             data_cfg = replace(data_cfg, path=None)  # --data-root FILE.npz replaces data.path
         ck = replace(ck, config=replace(ck.config, data=data_cfg))
@@ -162,8 +177,9 @@ def _dataset(ck: LoadedCheckpoint, split: str, data_root: str | None, max_exampl
 # --------------------------------------------------------------------------------------------------
 
 
-def _eval_data_config(base: DataConfig, name: str | None, overrides: list[str] | None):
-    """The data config of an evaluation: ``base`` with --data NAME and --set data.KEY=VALUE."""
+def _eval_data_config(base: DataConfig, name: str | None, overrides: list[str] | None, root=None):
+    """The data config of an evaluation: ``base`` with --data NAME and --set data.KEY=VALUE
+    (for npz data, --data-root FILE.npz is its file)."""
     bad = [o for o in overrides or [] if not o.strip().startswith("data.")]
     if bad:
         raise ConfigError(
@@ -172,10 +188,12 @@ def _eval_data_config(base: DataConfig, name: str | None, overrides: list[str] |
     if name is None and not overrides:
         return base
     cfg = Config(data=base if name is None else replace(base, name=name))
+    if root is not None and cfg.data.name == "npz":
+        cfg = replace(cfg, data=replace(cfg.data, path=str(root)))
     return apply_overrides(cfg, overrides).data
 
 
-def _load_model_folder(path, dev: torch.device, data: str | None, overrides: list[str] | None):
+def _load_model_folder(path, dev, data: str | None, overrides: list[str] | None, root=None):
     """(model, a stand-in checkpoint record) of a diffusers model folder; data must be named.
 
     The record carries the default evaluation protocol and the named dataset; its shape and
@@ -188,10 +206,13 @@ def _load_model_folder(path, dev: torch.device, data: str | None, overrides: lis
             f"{path} is a diffusers model folder, which names no dataset: pass --data NAME "
             f"({', '.join(DATASETS)}) and --set data.root=DIR (or data.path=FILE.npz)"
         )
-    data_cfg = _eval_data_config(DataConfig(), data, overrides)
+    data_cfg = _eval_data_config(DataConfig(), data, overrides, root)
     model, info = load_model_folder(path, device=dev)
     meta = {"model_folder": info}
-    ck = LoadedCheckpoint(Path(info["path"]), 0, Config(data=data_cfg), {}, meta, num_levels=0)
+    ck = LoadedCheckpoint(
+        Path(info["path"]), 0, Config(data=data_cfg), {}, meta, num_levels=0,
+        checksum=info["checksum"],
+    )  # fmt: skip
     return model, ck
 
 
@@ -204,32 +225,12 @@ def _check_folder_data(info: dict[str, Any], ds) -> None:
         raise ConfigError(str(e)) from None
 
 
-def _fingerprint(ck, ema: bool, split: str, ev: EvalConfig, with_elbo: bool, dev) -> dict:
-    """The settings that define a result (an output folder holds results of one fingerprint)."""
-    cfg = ck.config
-    return {
-        "checkpoint": str(ck.path),
-        "checkpoint_step": ck.step,
-        "ema": ema,
-        "dataset": cfg.data.name,
-        "version": cfg.data.version,
-        "npz_path": cfg.data.path,
-        "split": split,
-        "dequantization": ev.dequantization,
-        "num_samples": ev.num_samples,
-        "importance_weighted": ev.importance_weighted,
-        "divergence": ev.divergence,
-        "num_probes": 1,
-        "analytic_entropy": True,
-        "rtol": ev.rtol,
-        "atol": ev.atol,
-        "tolerance": ev.tolerance,
-        "logp_atol": ev.logp_atol,
-        "seed": ev.seed,
-        "with_elbo": with_elbo,
-        "elbo": {"antithetic": False, "importance_sampling": True, "prior": "sigma_max"},
-        "device_type": dev.type,
-    }
+def _identity(ck, ema: bool, ds, ev: EvalConfig, with_elbo: bool, dev) -> dict[str, Any]:
+    """eval_settings.json (``evalfiles.identity``): no path, so a moved run folder resumes."""
+    model = {"checksum": ck.checksum, "step": ck.step, "ema": ema}
+    data = {"name": ds.name, "split": ds.split, "shape": list(ds.shape),
+            "num_levels": ds.num_levels}  # fmt: skip
+    return identity(ev.protocol, model, data, with_elbo, dev.type)
 
 
 def evaluate(
@@ -237,16 +238,7 @@ def evaluate(
     out_dir: str | os.PathLike | None = None,
     *,
     split: Split = "test",
-    dequantization: Dequantization | None = None,
-    num_samples: int | None = None,
-    importance_weighted: bool | None = None,
-    divergence: Divergence | None = None,
-    rtol: float | None = None,
-    atol: float | None = None,
-    batch_size: int | None = None,
-    seed: int | None = None,
-    tolerance: Tolerance | None = None,
-    logp_atol: float | None = None,
+    protocol: Protocol | None = None,
     max_examples: int | None = None,
     data_root: str | None = None,
     data: DatasetName | None = None,
@@ -256,81 +248,105 @@ def evaluate(
     device: str = "auto",
     progress: bool = True,
     overwrite: bool = False,
+    **settings: Any,
 ) -> dict[str, Any]:
     """ODE bits/dim (and the SDE bound) of every example of ``split``; returns eval.json's content.
 
-    checkpoint: a checkpoint or run directory. The evaluation protocol (dequantization, K =
-    num_samples, importance_weighted, divergence, rtol, atol, batch_size, seed) is the
-    checkpoint's ``eval`` config; each argument that is not None overrides it, and eval.json's
-    ``settings_source`` says which came from where. out_dir: where the per-example results, the
-    settings fingerprint and eval.json go (default ``default_eval_dir``); rerunning into the same
-    out_dir resumes. max_examples: only the first N examples of the split. overwrite: discard
-    earlier results in out_dir instead of resuming (needed when the settings changed).
+    checkpoint: a checkpoint or run directory (or a diffusers model folder, with ``data``). The
+    evaluation protocol (``idode.Protocol``) and ``batch_size`` are the checkpoint's ``eval``
+    config; ``protocol`` replaces all of the protocol's settings, and ``settings`` (any of
+    ``EVAL_FLAGS``: ``num_samples=5``, ``rtol=1e-6``, ``batch_size=64``, ...) that are not None
+    override single ones; eval.json's ``settings_source`` says which came from where.
+    out_dir: where the per-example results, the identity file and eval.json go (default
+    ``default_eval_dir``); rerunning into the same out_dir resumes, and is refused if the
+    protocol, the model's weights or the data differ (``evalfiles``). max_examples: only the
+    first N examples of the split. overwrite: discard earlier results in out_dir instead.
     """
     t0 = time.perf_counter()
-    flags = dict(dequantization=dequantization, num_samples=num_samples,
-                 importance_weighted=importance_weighted, divergence=divergence, rtol=rtol,
-                 atol=atol, batch_size=batch_size, seed=seed, tolerance=tolerance,
-                 logp_atol=logp_atol)  # fmt: skip
-    _check_arguments(split, max_examples, flags)
+    given = _given(protocol, settings)
+    _check_arguments(split, max_examples, given)
     env, dev, model, ck, ds = _load(
         checkpoint, ema, device, split, data_root, max_examples, data, overrides
     )
-    ev, source = resolve_settings(ck.config, **flags)
+    ev, source = resolve_settings(ck.config, protocol, **settings)
     out = Path(out_dir) if out_dir is not None else default_eval_dir(ck, split, ev)
-    fingerprint = _fingerprint(ck, ema, split, ev, with_elbo, dev)
+    ident = _identity(ck, ema, ds, ev, with_elbo, dev)
+    x_all = ds.as_tensor()
     # rank 0 checks (or starts) the output directory; every rank raises its verdict together
-    err = prepare_out_dir(out, fingerprint, overwrite) if env.is_main else None
+    err = None
+    if env.is_main:
+        err = prepare_out_dir(out, ident, overwrite, [image_hash(x) for x in x_all])
     err = broadcast(err, env)
     if err is not None:
         raise EvalSettingsError(err)
     n = len(ds)
-    _evaluate_examples(model, ds, out, ev, with_elbo, env, progress)
+    _evaluate_examples(model, ds, x_all, out, ev, with_elbo, env, progress)
     env.barrier()
     result = None
     if env.is_main:
         rows = merge_examples(out, n)
         result = summarize(rows, n, ev.num_samples)
-        result.update(
-            solver_error=_solver_error(rows),
-            wall_seconds=time.perf_counter() - t0,
-            settings={**fingerprint, "batch_size": ev.batch_size, "max_examples": max_examples,
-                      "data_root": data_root, "device": str(dev), "world_size": env.world_size},
-            settings_source=source,
-            checkpoint={"path": str(ck.path), "step": ck.step},
-            model_folder=ck.meta.get("model_folder"),
-            dataset={"name": ds.name, "split": ds.split, "num_examples": n,
-                     "shape": list(ds.shape), "num_dims": ds.num_dims,
-                     "num_levels": ds.num_levels, "content_hash": ds.content_hash(),
-                     "info": ds.info},
-            torch_version=torch.__version__,
-            device=str(dev),
-            device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-            out_dir=str(out),
-            files={"per_example": str(out / EXAMPLES_FILE), "settings": str(out / SETTINGS_FILE)},
-        )  # fmt: skip
+        run = {"batch_size": ev.batch_size, "max_examples": max_examples, "data_root": data_root,
+               "device": str(dev), "world_size": env.world_size}  # fmt: skip
+        result.update(_record(ck, ema, split, ds, ev, with_elbo, dev, out, rows, run, source))
+        result["wall_seconds"] = time.perf_counter() - t0
         write_json_atomic(out / RESULT_FILE, result)
     result = broadcast(result, env)
     env.barrier()
     return result
 
 
-def _evaluate_examples(model, ds, out: Path, ev: EvalConfig, with_elbo: bool, env, progress):
+def _record(ck, ema, split, ds, ev: EvalConfig, with_elbo, dev, out: Path, rows, run, source):
+    """eval.json's description of the evaluation (its statistics come from ``summarize``)."""
+    cfg, protocol = ck.config, ev.protocol
+    settings = {
+        **protocol.to_json(), "protocol_fingerprint": protocol.fingerprint(),
+        "checkpoint": str(ck.path), "checkpoint_step": ck.step,
+        "checkpoint_checksum": ck.checksum, "ema": ema, "dataset": cfg.data.name,
+        "version": cfg.data.version, "npz_path": cfg.data.path, "split": split,
+        "with_elbo": with_elbo, "elbo": protocol.elbo_options(), "device_type": dev.type, **run,
+    }  # fmt: skip
+    return dict(
+        solver_error=_solver_error(rows),
+        settings=settings,
+        settings_source=source,
+        checkpoint={"path": str(ck.path), "step": ck.step, "checksum": ck.checksum},
+        model_folder=ck.meta.get("model_folder"),
+        dataset={
+            "name": ds.name,
+            "split": ds.split,
+            "num_examples": len(ds),
+            "shape": list(ds.shape),
+            "num_dims": ds.num_dims,
+            "num_levels": ds.num_levels,
+            "content_hash": ds.content_hash(),
+            "info": ds.info,
+        },  # fmt: skip
+        torch_version=torch.__version__,
+        device=str(dev),
+        device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+        out_dir=str(out),
+        files={"per_example": str(out / EXAMPLES_FILE), "settings": str(out / SETTINGS_FILE)},
+    )
+
+
+def _evaluate_examples(model, ds, x_all, out: Path, ev: EvalConfig, with_elbo: bool, env, progress):
     """This rank's examples (r, r + W, ...) not yet in ``out``, appended to its JSON-lines file."""
     n, dev = len(ds), next(model.parameters()).device
     done = read_per_example(out)
     mine = list(range(env.rank, n, env.world_size))
     own = out / (EXAMPLES_FILE if not env.distributed else f"per_example.rank{env.rank}.jsonl")
     truncate_partial_line(own)
-    x_all = ds.as_tensor()
     desc = f"eval {ev.dequantization}" + (f" (x{env.world_size} ranks)" if env.distributed else "")
     bar = progress_bar(n, desc, env=env, enabled=progress, unit="img")
     if bar is not None:
         bar.update(sum(i in done for i in range(n)))
     try:
+        todo = [i for i in mine if i not in done]
         stream = evaluate_stream(
-            model, x_all, [i for i in mine if i not in done], dev, ds.num_levels, ev, with_elbo
-        )
+            model, x_all, todo, dev, ds.num_levels, ev.protocol, with_elbo,
+            batch_size=ev.batch_size,
+        )  # fmt: skip
         for rows in stream:  # examples as they finish: a kill loses only the running ones
             append_jsonl(own, rows)
             if bar is not None:
@@ -345,17 +361,23 @@ def _evaluate_examples(model, ds, out: Path, ev: EvalConfig, with_elbo: bool, en
 # --------------------------------------------------------------------------------------------------
 
 
-def _elbo_generators(seed: int, indices: list[int], device: torch.device) -> list[torch.Generator]:
-    # a stream of its own for the SDE bound, so it shares no draws with the dequantization noise
-    return example_generators(seed, indices, device, purpose="elbo")
-
-
 def evaluate_stream(
-    model, x_all: Tensor, indices: list[int], dev, num_levels: int, ev: EvalConfig, with_elbo: bool
+    model,
+    x_all: Tensor,
+    indices: list[int],
+    dev,
+    num_levels: int,
+    protocol: Protocol,
+    with_elbo: bool,
+    *,
+    batch_size: int | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
-    """Per-example result rows (bits/dim, solver work and error, ELBO terms) as examples finish.
+    """Per-example result rows (bits/dim, solver work and error, ELBO terms, the image's hash)
+    as examples finish.
 
-    One continuous-batched pass over ``indices``: at most ``batch_size`` rows per network call.
+    One continuous-batched pass over ``indices`` of x_all [N, ...]: at most ``batch_size`` rows
+    per network call (None: all at once); each example's noise from the protocol's streams of its
+    index, so a row does not depend on which others are evaluated with it.
     """
     if not indices:
         return
@@ -363,20 +385,9 @@ def evaluate_stream(
     d = x[0].numel()
     stats = SolverStats()
     stream = iter_bits_per_dim(
-        model,
-        x,
-        num_levels,
-        ev.dequantization,
-        ev.num_samples,
-        ev.divergence,
-        rtol=ev.rtol,
-        atol=ev.atol,
-        tolerance=ev.tolerance,
-        logp_atol=ev.logp_atol,
-        batch_size=ev.batch_size,
-        generator=example_generators(ev.seed, indices, dev, purpose="dequantization"),
-        stats=stats,
-    )
+        model, x, num_levels, protocol, batch_size=batch_size, stats=stats,
+        generator=protocol.generators(indices, dev),
+    )  # fmt: skip
     tic, calls = time.perf_counter(), 0
     for group in stream:
         pos = [e.index for e in group]
@@ -385,19 +396,12 @@ def evaluate_stream(
             stack_examples(group, k) for k in ("log_p_model", "log_decoder", "log_q", "logp_error")
         )
         elq = torch.tensor([e.expected_log_q for e in group], dtype=torch.float64)
-        cols = bpd_columns(lp, dec, lq, elq, d)
-        cols["bpd"] = cols[
-            "bpd_importance_weighted" if ev.importance_weighted else "bpd_mean_of_bounds"
-        ]
+        cols = protocol.bounds(lp, dec, lq, elq, d)
         cols["solver_error_bpd"] = bits_per_dim_from_nats(-err.mean(1), d)
         if with_elbo:
-            e = elbo(
-                model,
-                x[torch.tensor(pos, device=dev)],
-                num_levels,
-                antithetic=False,
-                generator=_elbo_generators(ev.seed, idx, dev),
-            )
+            gens = protocol.generators(idx, dev, purpose="elbo")
+            e = elbo(model, x[torch.tensor(pos, device=dev)], num_levels,
+                     **protocol.elbo_options(), generator=gens)  # fmt: skip
             cols.update(
                 elbo_bpd=e.bpd,
                 elbo_reconstruction_nats=e.reconstruction,
@@ -408,28 +412,35 @@ def evaluate_stream(
         bad = [i for j, i in enumerate(idx) if not all(math.isfinite(v[j]) for v in vals.values())]
         if bad:
             raise FloatingPointError(
-                f"non-finite bits/dim for example(s) {bad[:10]} of this split (rtol={ev.rtol}, "
-                f"atol={ev.atol}); the checkpoint may be diverged"
+                f"non-finite bits/dim for example(s) {bad[:10]} of this split (rtol="
+                f"{protocol.rtol}, atol={protocol.atol}); the checkpoint may be diverged"
             )
         now = time.perf_counter()
-        rows = []
-        for j, (i, ex) in enumerate(zip(idx, group, strict=True)):
-            row: dict[str, Any] = {"index": int(i)}
-            row.update({k: v[j] for k, v in vals.items()})
-            row.update(
-                steps=float(ex.steps.double().mean()),
-                steps_per_draw=ex.steps.tolist(),
-                nfe=ex.nfe,
-                log_p_model_nats=ex.log_p_model.tolist(),
-                logp_error_nats=ex.logp_error.tolist(),
-                # the network calls since the last group, shared by this group's examples
-                batch_nfe=stats.calls - calls,
-                batch_len=len(group),
-                seconds=(now - tic) / len(group),
-            )
-            rows.append(row)
+        rows = [
+            _row(i, ex, {k: v[j] for k, v in vals.items()}, x_all[i], len(group), now - tic)
+            for j, (i, ex) in enumerate(zip(idx, group, strict=True))
+        ]
+        for row in rows:  # the network calls since the last group, shared by its examples
+            row["batch_nfe"] = stats.calls - calls
         tic, calls = now, stats.calls
         yield rows
+
+
+def _row(i: int, ex, values: dict[str, float], image: Tensor, group: int, seconds: float) -> dict:
+    """One per_example.jsonl row: index, the bound columns, the solver's work, the image hash."""
+    row: dict[str, Any] = {"index": int(i), **values}
+    row.update(
+        steps=float(ex.steps.double().mean()),
+        steps_per_draw=ex.steps.tolist(),
+        nfe=ex.nfe,
+        log_p_model_nats=ex.log_p_model.tolist(),
+        logp_error_nats=ex.logp_error.tolist(),
+        batch_nfe=0,
+        batch_len=group,
+        seconds=seconds / group,
+        image_hash=image_hash(image),
+    )
+    return row
 
 
 def _solver_error(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -452,9 +463,7 @@ def _solver_error(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 def _stats(values: list[float]) -> dict[str, Any]:
     """eval.json's summary of per-example values (``idode.stats.summarize``; None below n = 2)."""
-    s = summarize_values(values)
-    ci = list(s.ci95) if s.ci95 is not None else None
-    return {"mean": s.mean, "stderr": s.stderr, "ci95": ci, "std": s.std, "n": s.n}
+    return summarize_values(values).to_json()
 
 
 def summarize(rows: list[dict[str, Any]], n: int | None = None, num_samples: int = 1) -> dict:

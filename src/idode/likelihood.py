@@ -8,40 +8,52 @@ accumulation would cost whole nats.
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from idode import rng
+from idode.augmented import (
+    augmented_field,
+    eval_mode,
+    gaussian_log_prob,
+    hutchinson_probes,
+)
+from idode.continuous import iter_bits_per_dim, stack_examples
 from idode.dequantization import (
-    DEQUANTIZATIONS,
-    LOG_2PI,
-    UNIFORM_GAMMA_START,
     Dequantization,
     bin_centers,
     bits_per_dim_from_nats,
     check_integer_data,
     decoder_log_prob,
 )
-from idode.divergence import (
-    DIVERGENCES,
-    Divergence,
-    exact_divergence,
-    first_order_input_gradients,
-    hutchinson_divergence,
-    sample_probes,
-)
+from idode.divergence import DIVERGENCES, Divergence, first_order_input_gradients
 from idode.losses import check_model_input, diffusion_loss_terms
 from idode.parameterization import DiffusionODE, check_choice
+from idode.protocol import (
+    ELBO_PRIORS,
+    LOGP_ATOL_BPD,
+    TOLERANCES,
+    ElboPrior,
+    Protocol,
+    Tolerance,
+    solver_tolerances,
+)
 from idode.rng import Generators
 from idode.solvers import SolverStats, nfe_of_steps, solve_ivp
 
 __all__ = [
+    "LOGP_ATOL_BPD",
+    "TOLERANCES",
     "BPDResult",
+    "Tolerance",
+    "augmented_field",
+    "eval_mode",
+    "gaussian_log_prob",
+    "solver_tolerances",
     "ELBOResult",
     "LogLikelihoodResult",
     "bits_per_dim",
@@ -50,59 +62,8 @@ __all__ = [
     "log_likelihood",
 ]
 
-# Error control of the augmented state (z, l). "logp": the image part z keeps the RMS test with
-# rtol/atol and the log-density l gets its own test |err_l| <= logp_atol + rtol |l| (nats), so the
-# number users read is controlled whatever d is. "paper": one RMS over all d + 1 components, as
-# the official code and torchode (l then weighs 1/(d + 1)); for comparisons with published numbers.
-Tolerance = Literal["logp", "paper"]
-TOLERANCES: tuple[str, ...] = get_args(Tolerance)
-# default logp_atol per image = LOGP_ATOL_BPD * d ln 2 nats, a local-error budget in bits/dim.
-# benchmarks/results/work_precision_digits_cpu.md: 1e-5 costs 10-40 % more NFE and gains little,
-# because the image part's trajectory error, not l's local error, dominates |dbpd| there.
-LOGP_ATOL_BPD = 1e-4
-
-
-def solver_tolerances(
-    tolerance: Tolerance, rtol: float, atol: float, logp_atol: float | None, num_dims: int
-) -> dict:
-    """Keyword arguments of ``solve_ivp``/``solve_stream`` for a tolerance protocol."""
-    check_choice("tolerance", tolerance, TOLERANCES)
-    if tolerance == "paper":
-        if logp_atol is not None:
-            raise ValueError('logp_atol has no effect with tolerance="paper"; drop one of them')
-        return dict(rtol=rtol, atol=atol)
-    if logp_atol is None:
-        logp_atol = LOGP_ATOL_BPD * num_dims * math.log(2.0)
-    if not logp_atol > 0:
-        raise ValueError(f"logp_atol must be positive (nats), got {logp_atol}")
-    return dict(rtol=rtol, atol=atol, last_rtol=rtol, last_atol=float(logp_atol))
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module):
-    """Evaluate with dropout off, then restore the module's previous mode."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
-
-
-def gaussian_log_prob(z: Tensor, variance: float) -> Tensor:
-    """log N(z; 0, variance I), summed over all but the batch dim: [B]."""
-    d = z[0].numel()
-    return -0.5 * d * (LOG_2PI + math.log(variance)) - 0.5 * z.flatten(1).square().sum(1) / variance
-
-
-def _probes(num_probes: int, shape: tuple, kind: str, generator: Generators, device) -> Tensor:
-    if num_probes < 1:
-        raise ValueError(f"num_probes must be >= 1, got {num_probes}")
-    if num_probes == 1:
-        return sample_probes(shape, kind, generator=generator, device=device)
-    return sample_probes(
-        (num_probes, *shape), kind, generator=generator, device=device, batch_dim=1
-    )
+# names that lived here before the augmented ODE and the protocol got modules of their own
+_probes = hutchinson_probes
 
 
 @dataclass
@@ -155,7 +116,7 @@ def log_likelihood(
     b, shape, d = z.shape[0], tuple(z.shape[1:]), z[0].numel()
     tols = solver_tolerances(tolerance, rtol, atol, logp_atol, d)
     if divergence != "exact" and probes is None:
-        probes = _probes(num_probes, (b, *shape), divergence, generator, z.device)
+        probes = hutchinson_probes(num_probes, (b, *shape), divergence, generator, z.device)
     aux = None
     if probes is not None:  # per row: [B, ...] or, with several probes, [B, P, ...]
         aux = probes.transpose(0, 1) if probes.ndim == z.ndim + 1 else probes
@@ -172,37 +133,6 @@ def log_likelihood(
     return LogLikelihoodResult(
         prior + delta, prior, delta, z_end, sol.nfe, sol.steps, sol.last_error, sol.rows
     )
-
-
-def augmented_field(
-    model: DiffusionODE,
-    divergence: Divergence,
-    shape: tuple[int, ...],
-    net_kwargs: dict | None = None,
-    exact_chunk_size: int = 16,
-):
-    """f(t [b], y [b, d + 1], probes [b, ...] | [b, P, ...] | None) -> d(z, l)/dgamma [b, d + 1].
-
-    The probability-flow drift h of z and div h (exact, or Hutchinson with the rows' probes).
-    """
-    kw = net_kwargs or {}
-    d = math.prod(shape)
-
-    def field_(t: Tensor, y: Tensor, probes: Tensor | None = None) -> Tensor:
-        b = y.shape[0]
-        x = y[:, :d].reshape(b, *shape)
-
-        def h(x_: Tensor) -> Tensor:
-            return model.drift(x_, t, **kw)
-
-        if divergence == "exact":
-            out, div = exact_divergence(h, x, chunk_size=exact_chunk_size)
-        else:
-            u = probes.transpose(0, 1) if probes.ndim == x.ndim + 1 else probes
-            out, div = hutchinson_divergence(h, x, u)
-        return torch.cat([out.detach().flatten(1), div.detach()[:, None]], dim=1)
-
-    return field_
 
 
 @dataclass
@@ -232,120 +162,107 @@ class BPDResult:
     num_samples: int
     gamma_start: float
     num_dims: int
-    settings: dict = field(default_factory=dict)
-
-
-def _check_bpd_arguments(x_int, num_levels, dequantization, divergence, num_samples, batch_size):
-    check_choice("dequantization", dequantization, DEQUANTIZATIONS)
-    check_choice("divergence", divergence, DIVERGENCES)
-    check_integer_data(x_int, num_levels)
-    if not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    settings: dict = field(default_factory=dict)  # the protocol's JSON form, logp_atol resolved
+    protocol: Protocol = field(default_factory=Protocol)
 
 
 def bits_per_dim(
     model: DiffusionODE,
     x_int: Tensor,
     num_levels: int = 256,
-    dequantization: Dequantization = "truncated_normal",
-    num_samples: int = 1,
-    divergence: Divergence = "rademacher",
-    rtol: float = 1e-5,
-    atol: float = 1e-5,
+    # the settings (defaults: Protocol's); or pass them all at once as protocol=
+    dequantization: Dequantization = Protocol.dequantization,
+    num_samples: int = Protocol.num_samples,
+    divergence: Divergence = Protocol.divergence,
+    rtol: float = Protocol.rtol,
+    atol: float = Protocol.atol,
     *,
-    importance_weighted: bool = False,
-    analytic_entropy: bool = True,
-    num_probes: int = 1,
+    importance_weighted: bool = Protocol.importance_weighted,
+    analytic_entropy: bool = Protocol.analytic_entropy,
+    num_probes: int = Protocol.num_probes,
     generator: Generators = None,
-    uniform_gamma_start: float = UNIFORM_GAMMA_START,
+    uniform_gamma_start: float = Protocol.uniform_gamma_start,
     net_kwargs: dict | None = None,
     batch_size: int | None = None,
-    tolerance: Tolerance = "logp",
-    logp_atol: float | None = None,
+    tolerance: Tolerance = Protocol.tolerance,
+    logp_atol: float | None = Protocol.logp_atol,
+    protocol: Protocol | None = None,
 ) -> BPDResult:
     """ODE bits/dim of integer images x_int [B, ...] in [0, num_levels) (method.md §6-7).
 
-    Each of the K = ``num_samples`` dequantization draws gives a bound
-    log p_ODE(z_k) + log p(k|z_k) - log q(z_k|k); the K solves share one Hutchinson probe.
-    ``bpd_mean_of_bounds`` averages the K bounds (with the analytic E[log q] when
-    ``analytic_entropy``, as the official code does); ``bpd_importance_weighted`` is the IWAE bound
-    logsumexp_k(bound_k) - log K with per-draw log q. ``bpd`` is the latter if
+    The settings are those of ``idode.Protocol`` (see its fields), given as keywords or as
+    ``protocol=`` (then leave the keywords at their defaults). Each of the K = ``num_samples``
+    dequantization draws gives a bound log p_ODE(z_k) + log p(k|z_k) - log q(z_k|k); the K solves
+    share one Hutchinson probe. ``bpd_mean_of_bounds`` averages the K bounds (with the analytic
+    E[log q] when ``analytic_entropy``, as the official code does); ``bpd_importance_weighted``
+    is the IWAE bound logsumexp_k(bound_k) - log K. ``bpd`` is the latter if
     ``importance_weighted`` else the former.
 
     ``batch_size``: at most this many rows per network call; a row whose solve ends is given to
-    the next (example, draw) at once (continuous batching). None: all B rows at once. Pass one
-    generator per example (``rng.example_generators``) for results independent of batching.
-    ``tolerance``/``logp_atol``: error control, see ``TOLERANCES`` (``"paper"`` = one RMS norm).
+    the next (example, draw) at once (continuous batching). None: all B rows at once.
+    ``generator``: one per example (``rng.example_generators``) for results independent of
+    batching; None with ``protocol=`` given: the protocol's seeded streams of examples 0..B-1,
+    None otherwise: torch's global generator.
     """
-    from idode.continuous import bpd_columns, iter_bits_per_dim, stack_examples
-
-    _check_bpd_arguments(x_int, num_levels, dequantization, divergence, num_samples, batch_size)
-    if num_probes < 1:
-        raise ValueError(f"num_probes must be >= 1, got {num_probes}")
-    b, d = x_int.shape[0], x_int[0].numel()
-    stats = SolverStats()
-    examples = {}
+    given = {k: v for k, v in locals().items() if k in Protocol.field_names()}
+    protocol, generator = _resolve(protocol, given, generator, x_int)
+    check_integer_data(x_int, num_levels)
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    b = x_int.shape[0]
+    stats, examples = SolverStats(), {}
     stream = iter_bits_per_dim(
-        model,
-        x_int,
-        num_levels,
-        dequantization,
-        num_samples,
-        divergence,
-        rtol=rtol,
-        atol=atol,
-        tolerance=tolerance,
-        logp_atol=logp_atol,
-        batch_size=batch_size,
-        num_probes=num_probes,
-        generator=generator,
-        uniform_gamma_start=uniform_gamma_start,
-        net_kwargs=net_kwargs,
-        stats=stats,
-    )
+        model, x_int, num_levels, protocol, batch_size=batch_size, generator=generator,
+        net_kwargs=net_kwargs, stats=stats,
+    )  # fmt: skip
     for group in stream:
         examples.update((e.index, e) for e in group)
-    ex, dev = [examples[i] for i in range(b)], x_int.device
+    ex = [examples[i] for i in range(b)]
+    return _bpd_result(model, protocol, ex, stats, x_int, num_levels, batch_size)
 
-    def stack(name: str) -> Tensor:
-        return stack_examples(ex, name).to(dev)
 
-    lp, dec, lq, err = (stack(k) for k in ("log_p_model", "log_decoder", "log_q", "logp_error"))
-    elq = torch.tensor([e.expected_log_q for e in ex], dtype=torch.float64, device=dev)
-    cols = bpd_columns(lp, dec, lq, elq, d, analytic_entropy)
-    steps = stack("steps")
-    settings = dict(
-        num_levels=num_levels, dequantization=dequantization, num_samples=num_samples,
-        divergence=divergence, num_probes=num_probes, rtol=rtol, atol=atol, tolerance=tolerance,
-        logp_atol=solver_tolerances(tolerance, rtol, atol, logp_atol, d).get("last_atol"),
-        batch_size=batch_size, importance_weighted=importance_weighted,
-        analytic_entropy=analytic_entropy, schedule=model.schedule.name,
-        parameterization=model.parameterization,
+def _bpd_result(model, protocol: Protocol, ex, stats, x_int, num_levels, batch_size) -> BPDResult:
+    """The BPDResult of the finished examples ``ex`` of x_int (in order), terms as [B, K]."""
+    d, dev = x_int[0].numel(), x_int.device
+    lp, prior, delta, dec, lq, err, steps = (
+        stack_examples(ex, k).to(dev)
+        for k in ("log_p_model", "prior_logp", "delta_logp", "log_decoder", "log_q",
+                  "logp_error", "steps")
     )  # fmt: skip
-    key = "bpd_importance_weighted" if importance_weighted else "bpd_mean_of_bounds"
+    elq = torch.tensor([e.expected_log_q for e in ex], dtype=torch.float64, device=dev)
+    settings = {
+        **protocol.to_json(), "logp_atol": protocol.solver_options(d).get("last_atol"),
+        "num_levels": num_levels, "batch_size": batch_size, "schedule": model.schedule.name,
+        "parameterization": model.parameterization,
+    }  # fmt: skip
     return BPDResult(
-        bpd=cols[key],
-        nfe=stats.calls,
-        log_p_model=lp,
-        prior_logp=stack("prior_logp"),
-        delta_logp=stack("delta_logp"),
-        log_q=lq,
-        expected_log_q=elq,
-        log_decoder=dec,
-        steps=steps,
-        nfe_per_example=nfe_of_steps(steps).sum(1),
-        logp_error=err,
-        solver_error_bpd=bits_per_dim_from_nats(-err.mean(1), d),
-        rows=stats.rows,
-        dequantization=dequantization,
-        num_samples=num_samples,
-        gamma_start=float(ex[0].gamma_start),
-        num_dims=d,
-        settings=settings,
-        **cols,
-    )
+        **protocol.bounds(lp, dec, lq, elq, d), nfe=stats.calls, log_p_model=lp,
+        prior_logp=prior, delta_logp=delta, log_q=lq, expected_log_q=elq, log_decoder=dec,
+        steps=steps, nfe_per_example=nfe_of_steps(steps).sum(1), logp_error=err,
+        solver_error_bpd=bits_per_dim_from_nats(-err.mean(1), d), rows=stats.rows,
+        dequantization=protocol.dequantization, num_samples=protocol.num_samples,
+        gamma_start=float(ex[0].gamma_start), num_dims=d, settings=settings, protocol=protocol,
+    )  # fmt: skip
+
+
+def _resolve(
+    protocol: Protocol | None, given: dict[str, Any], generator: Generators, x_int: Tensor
+) -> tuple[Protocol, Generators]:
+    """The protocol of a ``bits_per_dim`` call and its generator (see its docstring)."""
+    if protocol is None:
+        return Protocol(**given).validate(), generator
+    if not isinstance(protocol, Protocol):
+        raise TypeError(f"protocol must be an idode.Protocol, got {type(protocol).__name__}")
+    changed = sorted(k for k, v in given.items() if v != getattr(Protocol, k))
+    if changed:
+        raise ValueError(
+            f"bits_per_dim got protocol= and the setting(s) {', '.join(changed)}: give the "
+            f"settings in one place (protocol.replace({changed[0]}=...))"
+        )
+    protocol = Protocol.of(protocol).validate()
+    if generator is None:
+        generator = protocol.generators(range(x_int.shape[0]), x_int.device)
+    return protocol, generator
 
 
 # --------------------------------------------------------------------------------------------------
@@ -370,7 +287,7 @@ def elbo(
     *,
     importance_sampling: bool = True,
     antithetic: bool = True,
-    prior: Literal["sigma_max", "unit"] = "sigma_max",
+    prior: ElboPrior = "sigma_max",
     generator: Generators = None,
     net_kwargs: dict | None = None,
 ) -> ELBOResult:
@@ -380,7 +297,7 @@ def elbo(
     official code (method.md §10.4).
     """
     check_integer_data(x_int, num_levels)
-    check_choice("prior", prior, ("sigma_max", "unit"))
+    check_choice("prior", prior, ELBO_PRIORS)
     s = model.schedule
     d = x_int[0].numel()
     x = bin_centers(
@@ -418,7 +335,7 @@ def elbo_bits_per_dim(
     *,
     importance_sampling: bool = True,
     antithetic: bool = True,
-    prior: Literal["sigma_max", "unit"] = "sigma_max",
+    prior: ElboPrior = "sigma_max",
     generator: Generators = None,
     net_kwargs: dict | None = None,
 ) -> Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -45,6 +45,12 @@ class Summary:
     ci95: tuple[float, float] | None
     std: float | None
     n: int
+
+    def to_json(self) -> dict[str, Any]:
+        """The one JSON layout of a summary (eval.json, results.json): mean, stderr, ci95 (a
+        list), std, n; None where n < 2."""
+        ci = list(self.ci95) if self.ci95 is not None else None
+        return {"mean": self.mean, "stderr": self.stderr, "ci95": ci, "std": self.std, "n": self.n}
 
     @property
     def halfwidth(self) -> float | None:

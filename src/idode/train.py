@@ -159,13 +159,15 @@ def periodic_eval(
     for s in range(0, len(mine), ev.batch_size):
         j = mine[s : s + ev.batch_size]
         gens = example_generators(ev.seed, j, dev, purpose=f"periodic_elbo/{step}")
-        sde.append(elbo(model, x[j], num_levels, antithetic=False, generator=gens).bpd.cpu())
+        sde.append(elbo(model, x[j], num_levels, **ev.elbo_options(), generator=gens).bpd.cpu())
     ode_bpd, ode_nfe = torch.zeros(0), torch.zeros(0)
     j = mine[mine < min(cfg.data.ode_eval_examples, len(x))] if ode else mine[:0]
     if len(j):  # the batch function of ``idode eval``: same protocol, same streams
         from idode.evaluate import evaluate_stream
 
-        stream = evaluate_stream(model, x, j.tolist(), dev, num_levels, ev, with_elbo=False)
+        stream = evaluate_stream(
+            model, x, j.tolist(), dev, num_levels, ev.protocol, False, batch_size=ev.batch_size
+        )
         rows = [row for group in stream for row in group]
         ode_bpd = torch.tensor([r["bpd"] for r in rows], dtype=torch.float64)
         ode_nfe = torch.tensor([float(r["nfe"]) for r in rows], dtype=torch.float64)

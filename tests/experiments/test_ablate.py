@@ -16,11 +16,11 @@ from idode.experiments.ablate import (
     render_results_md,
     run_ablation,
 )
-from idode.experiments.ablate.collect import paired_stat, stat
+from idode.experiments.ablate.collect import first_draw_bpd, ode_bpd, paired_stat, stat
 from idode.experiments.ablate.grid import FT1, FT2, finetune_run_config, run_config
-from idode.experiments.ablate.jobs import trace_cov
+from idode.experiments.ablate.jobs import OdeOutcome, trace_cov
 from idode.experiments.ablate.report import _diff, _pm
-from idode.stats import logmeanexp, verdict
+from idode.stats import verdict
 
 
 def test_paired_summary_and_verdict():
@@ -32,7 +32,7 @@ def test_paired_summary_and_verdict():
     assert s["mean"] == pytest.approx(0.5, abs=0.03)
     # the paired interval is narrow although a and b vary a lot
     assert s["ci95"][1] - s["ci95"][0] < 0.05
-    assert s["ci95"][0] == pytest.approx(s["mean"] - 1.959964 * s["se"])
+    assert s["ci95"][0] == pytest.approx(s["mean"] - 1.959964 * s["stderr"])
     assert verdict(s["ci95"]) == "held"
     assert verdict([-0.2, -0.1]) == "did not hold"
     assert verdict([-0.1, 0.2]) == "inconclusive"
@@ -43,7 +43,8 @@ def test_paired_summary_and_verdict():
 def test_one_value_is_reported_without_an_interval():
     s = stat([1.25])
     assert s["mean"] == 1.25 and s["n"] == 1
-    assert s["se"] is None and s["ci95"] is None and s["sd"] is None
+    assert s["stderr"] is None and s["ci95"] is None and s["std"] is None
+    assert list(s) == ["mean", "stderr", "ci95", "std", "n"]  # eval.json's layout too
     assert _pm(s) == "1.250 (n = 1: the interval needs n >= 2)"
     assert _diff(s) == "+1.250 (n = 1: the interval needs n >= 2)"
     two = stat([1.0, 2.0])  # sd = 1/sqrt(2), se = 1/2
@@ -62,11 +63,28 @@ def test_trace_cov_matches_numpy():
 
 
 def test_iw_bound_groups():
-    # equal per-draw bounds: every IW bound equals them (the -log K cancels the sum)
-    x = np.full((3, 16), -100.0)
+    """collect's bounds of the dequantization grid, against numpy on the per-draw terms."""
+    rng = np.random.default_rng(2)
+    n, k_max, d = 5, 16, 64
+    lp, dec = rng.normal(-300, 5, (n, k_max)), rng.normal(-1, 0.1, (n, k_max))
+    lq, elq = rng.normal(40, 2, (n, k_max)), rng.normal(40, 1, n)
+    m = OdeOutcome(np.arange(n), lp, dec, lq, elq, np.zeros((n, k_max)), d)
+    to_bpd = -1 / (d * math.log(2))
     for k in (1, 4, 16):
-        groups = x.reshape(3, 16 // k, k)
-        assert np.allclose(logmeanexp(groups, 2), -100.0)
+        b = (lp + dec - lq).reshape(n, k_max // k, k)
+        top = b.max(2, keepdims=True)  # log mean exp, stably
+        want = (top[..., 0] + np.log(np.exp(b - top).mean(2))) * to_bpd
+        got = ode_bpd(m, group=k)["bpd_importance_weighted"]
+        np.testing.assert_allclose(got, want, rtol=1e-12)
+    mean = (lp + dec - elq[:, None]).mean(1) * to_bpd  # analytic entropy
+    np.testing.assert_allclose(ode_bpd(m)["bpd_mean_of_bounds"], mean, rtol=1e-12)
+    np.testing.assert_allclose(first_draw_bpd(m), (lp + dec - elq[:, None])[:, 0] * to_bpd)
+    # equal per-draw bounds: every IW bound equals them (the -log K cancels the sum)
+    same = OdeOutcome(np.arange(2), np.full((2, 16), -100.0), np.zeros((2, 16)),
+                      np.zeros((2, 16)), np.zeros(2), np.zeros((2, 16)), d)  # fmt: skip
+    for k in (1, 4, 16):
+        got = ode_bpd(same, group=k)["bpd_importance_weighted"]
+        np.testing.assert_allclose(got, -100.0 * to_bpd, rtol=1e-14)
 
 
 def test_settings():

@@ -14,6 +14,7 @@ idode's VP velocity F = alpha eps - sigma x0), so every conversion uses idode's 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import warnings
@@ -295,8 +296,21 @@ def load_model_folder(
         "sample_size": size,
         "diffusers_version": diffusers.__version__,
         "num_parameters": sum(p.numel() for p in unet.parameters()),
+        "checksum": _folder_checksum(unet_dir, sched_file),
     }
     return model, info
+
+
+def _folder_checksum(unet_dir: Path, sched_file: Path) -> str:
+    """'sha256:<hex>' of the UNet folder's files (names and bytes) and the scheduler config: the
+    model's identity wherever the folder lies."""
+    h = hashlib.sha256()
+    for p in [*sorted(q for q in unet_dir.iterdir() if q.is_file()), sched_file]:
+        h.update(f"{p.name}|{p.stat().st_size}|".encode())
+        with p.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return "sha256:" + h.hexdigest()
 
 
 def check_data_shape(info: dict[str, Any], shape: tuple[int, ...] | list[int], name: str) -> None:

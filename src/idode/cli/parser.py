@@ -61,6 +61,36 @@ def _non_negative(text: str) -> float:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    from idode.validation import InputError
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise InputError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise InputError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _integer(text: str) -> int:
+    from idode.validation import InputError
+
+    try:
+        return int(text)
+    except ValueError:
+        raise InputError(f"{text!r} is not an integer") from None
+
+
+def _finite(text: str) -> float:
+    from idode.validation import InputError
+
+    value = _arg_float(text)
+    if not abs(value) < float("inf"):
+        raise InputError(f"must be a finite number, got {text}")
+    return value
+
+
 def _arg_float(text: str) -> float:
     from idode.validation import InputError
 
@@ -97,6 +127,9 @@ DEVICE_HELP = "auto (default), cpu, cuda or cuda:N"
 POSITIVE_INT = _arg_type("positive_int", lambda t: _positive(t, True))
 POSITIVE_FLOAT = _arg_type("positive_float", lambda t: _positive(t, False))
 NON_NEGATIVE_FLOAT = _arg_type("non_negative_float", _non_negative)
+NON_NEGATIVE_INT = _arg_type("non_negative_int", lambda t: _non_negative_int(t))
+FLOAT = _arg_type("float", lambda t: _finite(t))
+INT = _arg_type("int", lambda t: _integer(t))
 OUT_DIR = _arg_type("out_dir", lambda t: _out_path(t, True))
 OUT_PREFIX = _arg_type("out_prefix", lambda t: _out_path(t, False))
 DEVICE = _arg_type("device", _device)
@@ -174,15 +207,15 @@ def _add_finetune(sub) -> None:
 
 def _add_eval(sub) -> None:
     from idode.data import DATASETS, SPLITS
-    from idode.dequantization import DEQUANTIZATIONS
-    from idode.likelihood import DIVERGENCES, TOLERANCES
 
     e = sub.add_parser(
         "eval",
         help="ODE bits/dim over a split (EMA weights) + the SDE bound",
-        description="The evaluation protocol (dequantization, K, importance weighting, "
-        "divergence, tolerances, batch size, seed) comes from the checkpoint's eval config "
-        "(the presets carry the official protocols); each flag given overrides it.",
+        description="The evaluation protocol (idode.Protocol: dequantization, K, bound, "
+        "divergence, solver and tolerances, SDE bound, seed) and the batch size come from the "
+        "checkpoint's eval config (the presets carry the official protocols); each flag given "
+        "overrides it. Rerunning into the same --out resumes; another protocol, other weights "
+        "or other data there are refused.",
     )
     e.add_argument(
         "--checkpoint",
@@ -193,36 +226,12 @@ def _add_eval(sub) -> None:
         "--out", type=OUT_DIR, help="output directory (default: RUN/evals/step_N_SPLIT_DEQ...)"
     )
     e.add_argument("--split", default="test", choices=list(SPLITS))
-    e.add_argument("--dequantization", choices=list(DEQUANTIZATIONS), help="default: checkpoint")
-    e.add_argument("--num-samples", type=POSITIVE_INT, help="K draws (default: checkpoint)")
-    e.add_argument(
-        "--importance-weighted",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="report the IW bound with -log K (default: checkpoint)",
-    )
-    e.add_argument("--divergence", choices=list(DIVERGENCES), help="default: checkpoint")
-    e.add_argument(
-        "--rtol", type=POSITIVE_FLOAT, help="ODE relative tolerance (default: checkpoint)"
-    )
-    e.add_argument(
-        "--atol", type=POSITIVE_FLOAT, help="ODE absolute tolerance (default: checkpoint)"
-    )
+    _add_protocol_flags(e)
     e.add_argument(
         "--batch-size",
         type=POSITIVE_INT,
         help="rows per network call, refilled as solves end (default: checkpoint)",
     )
-    e.add_argument(
-        "--tolerance",
-        choices=list(TOLERANCES),
-        help="error control: logp = the log-density's own test; paper = one RMS norm, as the "
-        "official code (default: checkpoint)",
-    )
-    e.add_argument(
-        "--logp-atol", type=POSITIVE_FLOAT, help="log-density tolerance, nats (with logp)"
-    )
-    e.add_argument("--seed", type=int, help="noise and probe seed (default: checkpoint)")
     e.add_argument("--max-examples", type=POSITIVE_INT, default=None)
     e.add_argument("--data-root", default=None, help="override the dataset directory")
     e.add_argument("--data", choices=list(DATASETS), help="dataset (needed for a diffusers folder)")
@@ -235,6 +244,25 @@ def _add_eval(sub) -> None:
     e.add_argument("--overwrite", action="store_true", help="discard earlier partial results")
     _common(e)
     e.set_defaults(fn=commands.cmd_eval)
+
+
+def _add_protocol_flags(e: argparse.ArgumentParser) -> None:
+    """One flag per field of ``idode.Protocol``, with its help; None (not given): the
+    checkpoint's value."""
+    from idode.protocol import settings_schema
+
+    number = {("int", "positive"): POSITIVE_INT, ("float", "positive"): POSITIVE_FLOAT,
+              ("int", "non_negative"): NON_NEGATIVE_INT,
+              ("float", "non_negative"): NON_NEGATIVE_FLOAT,
+              ("int", None): INT, ("float", None): FLOAT}  # fmt: skip
+    for s in settings_schema():
+        flag, help_ = "--" + s.name.replace("_", "-"), f"{s.help} (default: checkpoint)"
+        if s.kind == "bool":
+            e.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif s.kind == "choice":
+            e.add_argument(flag, choices=list(s.choices), help=help_)
+        else:
+            e.add_argument(flag, type=number[(s.kind, s.range)], help=help_)
 
 
 def _add_sample(sub) -> None:

@@ -20,39 +20,44 @@ from idode.experiments.ablate.jobs import (
     VarianceOutcome,
 )
 from idode.experiments.ablate.scheduler import Job, JobRecord
-from idode.stats import logmeanexp, paired, summarize, verdict
+from idode.stats import paired, summarize, verdict
 
 __all__ = ["AblationResults", "Claim", "collect", "paired_stat", "stage_line", "stat"]
 
 
 def stat(values: Any) -> dict[str, Any]:
-    """results.json's summary of per-example values: mean, se, ci95, sd, n (se, ci95 and sd are
-    None for a single value)."""
-    s = summarize(np.asarray(values, dtype=np.float64).ravel())
-    ci = list(s.ci95) if s.ci95 is not None else None
-    return {"mean": s.mean, "se": s.stderr, "ci95": ci, "sd": s.std, "n": s.n}
+    """results.json's summary of per-example values (``Summary.to_json``: mean, stderr, ci95,
+    std, n; stderr, ci95 and std are None for a single value)."""
+    return summarize(np.asarray(values, dtype=np.float64).ravel()).to_json()
 
 
 def paired_stat(a: Any, b: Any) -> dict[str, Any]:
     """results.json's summary of the paired differences a - b [n], with the two means."""
-    s = paired(a, b)
-    ci = list(s.ci95) if s.ci95 is not None else None
-    return {
-        "mean": s.mean,
-        "se": s.stderr,
-        "ci95": ci,
-        "sd": s.std,
-        "n": s.n,
-        "a_mean": float(np.mean(a)),
-        "b_mean": float(np.mean(b)),
-    }
+    return {**paired(a, b).to_json(), "a_mean": float(np.mean(a)), "b_mean": float(np.mean(b))}
 
 
-def _bpd(nats: np.ndarray, d: int) -> np.ndarray:
-    """Bounds in nats [...] -> bits/dim (float64), by the library's one conversion."""
-    from idode.dequantization import bits_per_dim_from_nats
+def ode_bpd(m: OdeOutcome, draws: int | None = None, group: int | None = None):
+    """Bits/dim of the bounds of ``m`` by the library's one assembly of per-draw terms
+    (``dequantization_bounds``): its ``bpd_mean_of_bounds`` and ``bpd_importance_weighted``
+    columns over the first ``draws`` draws (all: None) [n], or per group of ``group``
+    consecutive draws [n, K / group]."""
+    import torch
 
-    return bits_per_dim_from_nats(np.asarray(nats, np.float64), d)
+    from idode.dequantization import dequantization_bounds
+
+    terms = [torch.from_numpy(np.asarray(v, np.float64)[:, :draws]) for v in
+             (m.log_p_model, m.log_decoder, m.log_q)]  # fmt: skip
+    elq = torch.from_numpy(np.asarray(m.expected_log_q, np.float64))
+    if group is not None:
+        terms = [t.reshape(len(t), -1, group) for t in terms]
+        elq = elq[:, None].expand(terms[0].shape[:2])
+    cols = dequantization_bounds(*terms, elq, m.num_dims)
+    return {k: v.numpy() for k, v in cols.items()}
+
+
+def first_draw_bpd(m: OdeOutcome) -> np.ndarray:
+    """[n] bits/dim of each image's first draw (analytic entropy)."""
+    return ode_bpd(m, draws=1)["bpd_mean_of_bounds"]
 
 
 @dataclass(frozen=True)
@@ -100,8 +105,10 @@ def merge_ode(jobs: list[Job], done: dict[str, JobRecord], stage: str, group: st
     )
     return OdeOutcome(
         positions=np.concatenate([p.positions for p in parts]),
-        bound_analytic=np.concatenate([p.bound_analytic for p in parts]),
-        bound_per_draw=np.concatenate([p.bound_per_draw for p in parts]),
+        log_p_model=np.concatenate([p.log_p_model for p in parts]),
+        log_decoder=np.concatenate([p.log_decoder for p in parts]),
+        log_q=np.concatenate([p.log_q for p in parts]),
+        expected_log_q=np.concatenate([p.expected_log_q for p in parts]),
         nfe=np.concatenate([p.nfe for p in parts]),
         num_dims=parts[0].num_dims,
         batched_nfe=sum(p.batched_nfe for p in parts),
@@ -211,14 +218,14 @@ def _dequantization(settings, jobs, done, raw) -> dict[str, Any]:
     un = merge_ode(jobs, done, "dequantization", "uniform")
     va = merge_ode(jobs, done, "dequantization", "variational")
     tn = merge_ode(jobs, done, "dequantization", "truncated_normal")
-    d, n = tn.num_dims, len(tn.bound_per_draw)
+    n = len(tn.log_q)
     ks = [k for k in (1, 4, 16, 64, 256) if k <= s.k_max and s.k_max % k == 0]
     per: dict[str, np.ndarray] = {
-        "uniform": _bpd(un.bound_analytic[:, 0], d),
-        "variational": _bpd(va.bound_analytic[:, 0], d),
-        "tn_k1_first_draw": _bpd(tn.bound_analytic[:, 0], d),
+        "uniform": first_draw_bpd(un),
+        "variational": first_draw_bpd(va),
+        "tn_k1_first_draw": first_draw_bpd(tn),
         # the K=1 bound averaged over all k_max draws: the same expectation, less noise
-        "tn_k1": _bpd(tn.bound_analytic, d).mean(1),
+        "tn_k1": ode_bpd(tn)["bpd_mean_of_bounds"],
     }
     nfe: dict[str, np.ndarray] = {
         "uniform": un.nfe[:, 0],
@@ -228,8 +235,7 @@ def _dequantization(settings, jobs, done, raw) -> dict[str, Any]:
     }
     for k in ks:
         # IW bound with K draws (per-draw log q, minus log K), averaged over k_max / K groups
-        groups = tn.bound_per_draw.reshape(n, s.k_max // k, k)
-        per[f"iw_k{k}"] = _bpd(logmeanexp(groups, 2), d).mean(1)
+        per[f"iw_k{k}"] = ode_bpd(tn, group=k)["bpd_importance_weighted"].mean(1)
         nfe[f"iw_k{k}"] = tn.nfe.reshape(n, s.k_max // k, k).sum(2).mean(1)
     raw["dequantization"] = {"per_example_bpd": per, "per_example_nfe": nfe}
     entries = {k: {"bpd": stat(v), "nfe": stat(nfe[k])} for k, v in per.items()}
@@ -303,7 +309,7 @@ def collect(settings, jobs: list[Job], done: dict[str, JobRecord], meta: dict):
     ode: dict[str, dict] = {}
     for name in [*RUNS, FT2, FT1]:
         m = merge_ode(jobs, done, "ode", name)
-        bpd, nfe = _bpd(m.bound_analytic[:, 0], m.num_dims), m.nfe[:, 0]
+        bpd, nfe = first_draw_bpd(m), m.nfe[:, 0]
         raw["ode"][name] = {"bpd": bpd, "nfe": nfe}
         ode[name] = {"label": MODEL_LABELS[name], "bpd": stat(bpd), "nfe": stat(nfe)}
     P, T, S = _comparisons(curves, raw["ode"])
@@ -348,5 +354,5 @@ def stage_line(stage: str, jobs: list[Job], done: dict[str, JobRecord]) -> str:
     parts = []
     for g in dict.fromkeys(j.group for j in mine):
         m = merge_ode(jobs, done, stage, g)
-        parts.append(f"{g} {_bpd(m.bound_analytic[:, 0], m.num_dims).mean():.3f}")
+        parts.append(f"{g} {first_draw_bpd(m).mean():.3f}")
     return f"{head}; bits/dim (first draw): " + ", ".join(parts)

@@ -14,7 +14,7 @@ __all__ = ["FIGURES", "make_figures"]
 
 def _halfwidth(stat: dict) -> float:
     """Half the 95% interval of a results.json summary (0 when it has none, n = 1)."""
-    return 0.0 if stat["se"] is None else Z95 * stat["se"]
+    return 0.0 if stat["stderr"] is None else Z95 * stat["stderr"]
 
 
 FIGURES = {

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any, Literal
 
+from idode.protocol import Protocol
+
 if TYPE_CHECKING:
     from idode.config import Config
 
@@ -106,6 +108,19 @@ class AblationSettings:
     seed: int  # evaluation seed of the per-example generators
     overrides: tuple[str, ...]  # config overrides applied to every run
     quick: bool
+
+    def protocol(self, dequantization: str, num_samples: int) -> Protocol:
+        """The protocol of every ODE bits/dim of the grid: Hutchinson (Rademacher), the
+        log-density's own error test, this grid's tolerances and evaluation seed."""
+        return Protocol(
+            dequantization=dequantization,
+            num_samples=num_samples,
+            divergence="rademacher",
+            rtol=self.rtol,
+            atol=self.atol,
+            tolerance="logp",
+            seed=self.seed,
+        ).validate()
 
 
 # every full grid: the claims' settings (K, lambda_2, tolerances, seed) are the same on all data

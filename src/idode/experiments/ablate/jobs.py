@@ -26,6 +26,7 @@ from idode.experiments.ablate.grid import (
     run_config,
 )
 from idode.experiments.ablate.scheduler import Job
+from idode.protocol import Protocol
 from idode.stats import bootstrap, percentile_interval
 
 __all__ = [
@@ -67,12 +68,14 @@ class FinetuneOutcome:
 
 @dataclass
 class OdeOutcome:
-    """ODE bounds in nats of the images at ``positions``: per draw, with the analytic entropy
-    and with the per-draw log q, and the NFE an example needed alone; [n, K] each."""
+    """The per-draw terms (nats) of the ODE bounds of the images at ``positions``, [n, K] each,
+    and the NFE an example needed alone per draw; ``collect`` makes bounds of them."""
 
     positions: np.ndarray  # [n] int
-    bound_analytic: np.ndarray  # [n, K] float64
-    bound_per_draw: np.ndarray  # [n, K] float64
+    log_p_model: np.ndarray  # [n, K] float64, log p_ODE(z_k)
+    log_decoder: np.ndarray  # [n, K] float64, log p(k | z_k)
+    log_q: np.ndarray  # [n, K] float64, log q(z_k | k)
+    expected_log_q: np.ndarray  # [n] float64, E_q[log q]
     nfe: np.ndarray  # [n, K]
     num_dims: int
     batched_nfe: int = 0
@@ -207,39 +210,23 @@ def job_finetune(cfg_dict: dict, init_from: str, run_dir: str, curve: dict) -> F
     )
 
 
-def job_ode(
-    checkpoint: str,
-    positions: list[int],
-    dequantization: str,
-    num_samples: int,
-    seed: int,
-    rtol: float,
-    atol: float,
-) -> OdeOutcome:
-    """ODE bounds of the images at ``positions`` of the evaluation set (``num_samples`` draws)."""
+def job_ode(checkpoint: str, positions: list[int], protocol: Protocol) -> OdeOutcome:
+    """The per-draw terms of the ODE bounds of the images at ``positions`` of the evaluation set,
+    under ``protocol`` (its seed's per-example streams: the same noise for every model)."""
     from idode.checkpoint import load_model
     from idode.likelihood import bits_per_dim
-    from idode.rng import example_generators
     from idode.solvers import nfe_of_steps
 
     model, ck = load_model(checkpoint)
     x, levels = _eval_set(ck.config)
-    r = bits_per_dim(
-        model,
-        x[positions],
-        levels,
-        dequantization,
-        num_samples,
-        "rademacher",
-        rtol,
-        atol,
-        generator=example_generators(seed, positions, purpose="dequantization"),
-    )
-    lp = r.log_p_model + r.log_decoder
+    gens = protocol.generators(positions)
+    r = bits_per_dim(model, x[positions], levels, protocol=protocol, generator=gens)
     return OdeOutcome(
         positions=np.asarray(positions),
-        bound_analytic=(lp - r.expected_log_q[:, None]).numpy(),
-        bound_per_draw=(lp - r.log_q).numpy(),
+        log_p_model=r.log_p_model.numpy(),
+        log_decoder=r.log_decoder.numpy(),
+        log_q=r.log_q.numpy(),
+        expected_log_q=r.expected_log_q.numpy(),
         nfe=nfe_of_steps(r.steps).numpy(),  # per example and draw
         num_dims=r.num_dims,
         batched_nfe=r.nfe,
@@ -387,12 +374,12 @@ def plan(settings: AblationSettings, out: Path) -> list[Job]:
     for name in [*RUNS, FT2, FT1]:
         dep = f"train/{name}" if name in RUNS else f"finetune/{name}"
         for pos in _chunks(s.ode_examples, s.ode_chunk):
-            args = (str(runs_dir / name), pos, "truncated_normal", 1, s.seed, s.rtol, s.atol)
+            args = (str(runs_dir / name), pos, s.protocol("truncated_normal", 1))
             cost = 0.25 * len(pos)
             jobs.append(Job(f"ode/{name}/{pos[0]}", job_ode, args, (dep,), cost, "ode", name))
     for deq, k in (("uniform", 1), ("variational", 1), ("truncated_normal", s.k_max)):
         for pos in _chunks(s.deq_examples, s.deq_chunk):
-            args = (base_ckpt, pos, deq, k, s.seed, s.rtol, s.atol)
+            args = (base_ckpt, pos, s.protocol(deq, k))
             cost = 0.3 * len(pos) * k
             key = f"deq/{deq}/{pos[0]}"
             jobs.append(Job(key, job_ode, args, base, cost, "dequantization", deq))

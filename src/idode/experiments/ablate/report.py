@@ -22,9 +22,9 @@ def _ci(stat: dict, nd: int = 3) -> str:
 
 
 def _pm(stat: dict, nd: int = 3) -> str:
-    if stat["se"] is None:
+    if stat["stderr"] is None:
         return f"{stat['mean']:.{nd}f} {_NO_CI}"
-    return f"{stat['mean']:.{nd}f} ± {Z95 * stat['se']:.{nd}f}"
+    return f"{stat['mean']:.{nd}f} ± {Z95 * stat['stderr']:.{nd}f}"
 
 
 def _diff(stat: dict, nd: int = 3) -> str:
