@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -85,14 +86,16 @@ def read_per_example(out_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
     return rows
 
 
-def merge_examples(out: Path, n: int) -> list[dict[str, Any]]:
-    """Rank 0: all files -> one sorted ``per_example.jsonl``; the rows of examples 0..n-1."""
+def merge_examples(out: Path, n: int | Sequence[int]) -> list[dict[str, Any]]:
+    """Rank 0: all files -> one sorted ``per_example.jsonl``; the rows of examples 0..n-1 (or of
+    the example indices ``n``, in that order)."""
     done = read_per_example(out)
-    missing = [i for i in range(n) if i not in done]
+    ids = range(n) if isinstance(n, int) else n
+    missing = [i for i in ids if i not in done]
     if missing:
         raise RuntimeError(f"evaluation incomplete: no result for examples {missing[:10]} in {out}")
     rank_files = sorted(out.glob("per_example.rank*.jsonl"))
     write_jsonl_atomic(out / EXAMPLES_FILE, [done[i] for i in sorted(done)])
     for p in rank_files:  # now in per_example.jsonl
         p.unlink()
-    return [done[i] for i in range(n)]
+    return [done[i] for i in ids]

@@ -40,9 +40,17 @@ from torch import Tensor
 from idode.checkpoint import LoadedCheckpoint, find_checkpoint, load_model, run_folder
 from idode.config import Config, ConfigError, DataConfig, EvalConfig, apply_overrides
 from idode.continuous import bpd_columns, iter_bits_per_dim, stack_examples
-from idode.data import DATASETS, DatasetName, Split, dataset_from_config
+from idode.data import (
+    DATASETS,
+    DatasetName,
+    Split,
+    dataset_from_config,
+    parse_subset,
+    select_examples,
+)
 from idode.dequantization import Dequantization, bits_per_dim_from_nats
 from idode.distributed import broadcast, progress_bar, setup
+from idode.evalexports import export_examples
 from idode.evalfiles import (
     EXAMPLES_FILE,
     RESULT_FILE,
@@ -125,8 +133,8 @@ def _load(checkpoint, ema: bool, device: str, split: str, data_root, max_example
     else:
         model, ck = load_model(find_checkpoint(checkpoint).resolve(), ema=ema, device=dev)
         data_cfg = _eval_data_config(ck.config.data, data, overrides)
-        if data_root is not None and data_cfg.name == "npz":
-            data_cfg = replace(data_cfg, path=None)  # --data-root FILE.npz replaces data.path
+        if data_root is not None and data_cfg.name in ("npz", "folder"):
+            data_cfg = replace(data_cfg, path=None)  # --data-root FILE.npz|DIR replaces data.path
         ck = replace(ck, config=replace(ck.config, data=data_cfg))
     ds = _dataset(ck, split, data_root, max_examples)
     if "model_folder" in ck.meta:
@@ -149,7 +157,7 @@ def _dataset(ck: LoadedCheckpoint, split: str, data_root: str | None, max_exampl
     except FileNotFoundError as e:
         if data_root is not None or "model_folder" in ck.meta:
             raise
-        stored = data.path if data.name == "npz" else data.root
+        stored = data.path if data.name in ("npz", "folder") else data.root
         raise FileNotFoundError(
             f"{e} [the checkpoint {ck.path} was trained on data at {stored}; if the data is "
             f"elsewhere now, pass its location with `idode eval --data-root "
@@ -248,6 +256,7 @@ def evaluate(
     tolerance: Tolerance | None = None,
     logp_atol: float | None = None,
     max_examples: int | None = None,
+    subset: str = "first",
     data_root: str | None = None,
     data: DatasetName | None = None,
     overrides: list[str] | None = None,
@@ -264,7 +273,8 @@ def evaluate(
     checkpoint's ``eval`` config; each argument that is not None overrides it, and eval.json's
     ``settings_source`` says which came from where. out_dir: where the per-example results, the
     settings fingerprint and eval.json go (default ``default_eval_dir``); rerunning into the same
-    out_dir resumes. max_examples: only the first N examples of the split. overwrite: discard
+    out_dir resumes. max_examples: only N examples of the split, the first N or (subset "random"
+    or "random:SEED") N at random; rows keep their index in the split. overwrite: discard
     earlier results in out_dir instead of resuming (needed when the settings changed).
     """
     t0 = time.perf_counter()
@@ -273,9 +283,11 @@ def evaluate(
                  atol=atol, batch_size=batch_size, seed=seed, tolerance=tolerance,
                  logp_atol=logp_atol)  # fmt: skip
     _check_arguments(split, max_examples, flags)
+    first_n = max_examples if parse_subset(subset, max_examples)[0] == "first" else None
     env, dev, model, ck, ds = _load(
-        checkpoint, ema, device, split, data_root, max_examples, data, overrides
+        checkpoint, ema, device, split, data_root, first_n, data, overrides
     )
+    ds = select_examples(ds, max_examples, subset)
     ev, source = resolve_settings(ck.config, **flags)
     out = Path(out_dir) if out_dir is not None else default_eval_dir(ck, split, ev)
     fingerprint = _fingerprint(ck, ema, split, ev, with_elbo, dev)
@@ -289,7 +301,8 @@ def evaluate(
     env.barrier()
     result = None
     if env.is_main:
-        rows = merge_examples(out, n)
+        rows = merge_examples(out, ds.example_ids)
+        exports = export_examples(out, rows, ds.info.get("example_files"))
         result = summarize(rows, n, ev.num_samples)
         result.update(
             solver_error=_solver_error(rows),
@@ -307,7 +320,8 @@ def evaluate(
             device=str(dev),
             device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
             out_dir=str(out),
-            files={"per_example": str(out / EXAMPLES_FILE), "settings": str(out / SETTINGS_FILE)},
+            files={"per_example": str(out / EXAMPLES_FILE), "settings": str(out / SETTINGS_FILE),
+                   **exports},
         )  # fmt: skip
         write_json_atomic(out / RESULT_FILE, result)
     result = broadcast(result, env)
@@ -317,19 +331,19 @@ def evaluate(
 
 def _evaluate_examples(model, ds, out: Path, ev: EvalConfig, with_elbo: bool, env, progress):
     """This rank's examples (r, r + W, ...) not yet in ``out``, appended to its JSON-lines file."""
-    n, dev = len(ds), next(model.parameters()).device
+    n, dev, ids = len(ds), next(model.parameters()).device, ds.example_ids  # ids: index in split
     done = read_per_example(out)
-    mine = list(range(env.rank, n, env.world_size))
+    mine = [p for p in range(env.rank, n, env.world_size) if ids[p] not in done]  # positions
     own = out / (EXAMPLES_FILE if not env.distributed else f"per_example.rank{env.rank}.jsonl")
     truncate_partial_line(own)
     x_all = ds.as_tensor()
     desc = f"eval {ev.dequantization}" + (f" (x{env.world_size} ranks)" if env.distributed else "")
     bar = progress_bar(n, desc, env=env, enabled=progress, unit="img")
     if bar is not None:
-        bar.update(sum(i in done for i in range(n)))
+        bar.update(sum(i in done for i in ids))
     try:
         stream = evaluate_stream(
-            model, x_all, [i for i in mine if i not in done], dev, ds.num_levels, ev, with_elbo
+            model, x_all, mine, dev, ds.num_levels, ev, with_elbo, ids=[ids[p] for p in mine]
         )
         for rows in stream:  # examples as they finish: a kill loses only the running ones
             append_jsonl(own, rows)
@@ -351,14 +365,24 @@ def _elbo_generators(seed: int, indices: list[int], device: torch.device) -> lis
 
 
 def evaluate_stream(
-    model, x_all: Tensor, indices: list[int], dev, num_levels: int, ev: EvalConfig, with_elbo: bool
+    model,
+    x_all: Tensor,
+    indices: list[int],
+    dev,
+    num_levels: int,
+    ev: EvalConfig,
+    with_elbo: bool,
+    ids: list[int] | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
     """Per-example result rows (bits/dim, solver work and error, ELBO terms) as examples finish.
 
-    One continuous-batched pass over ``indices``: at most ``batch_size`` rows per network call.
+    One continuous-batched pass over x_all[indices]: at most ``batch_size`` rows per network call.
+    ``ids``: each example's index in its split (default ``indices``), which seeds its noise and
+    is its row's ``index``.
     """
     if not indices:
         return
+    ids = indices if ids is None else ids
     x = x_all[indices].to(dev)
     d = x[0].numel()
     stats = SolverStats()
@@ -374,13 +398,13 @@ def evaluate_stream(
         tolerance=ev.tolerance,
         logp_atol=ev.logp_atol,
         batch_size=ev.batch_size,
-        generator=example_generators(ev.seed, indices, dev, purpose="dequantization"),
+        generator=example_generators(ev.seed, ids, dev, purpose="dequantization"),
         stats=stats,
     )
     tic, calls = time.perf_counter(), 0
     for group in stream:
         pos = [e.index for e in group]
-        idx = [indices[j] for j in pos]
+        idx = [ids[j] for j in pos]
         lp, dec, lq, err = (
             stack_examples(group, k) for k in ("log_p_model", "log_decoder", "log_q", "logp_error")
         )
