@@ -29,7 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from idode.evalfiles import RESULT_FILE, read_per_example
-from idode.rundir import read_json, write_bytes_atomic, write_figure_atomic, write_json_atomic
+from idode.rundir import (
+    jsonable,
+    read_json,
+    write_bytes_atomic,
+    write_figure_atomic,
+    write_json_atomic,
+)
 from idode.stats import paired, summarize, verdict
 from idode.validation import InputError
 
@@ -198,6 +204,7 @@ def compare(
         "json": str(out_dir / JSON_FILE),
         "scatter": str(_scatter(out_dir / SCATTER_FILE, a, b, metrics["bpd"])),
     }
+    report = jsonable(report)
     write_bytes_atomic(out_dir / REPORT_FILE, _markdown(report).encode())
     write_json_atomic(out_dir / JSON_FILE, report)
     return report
