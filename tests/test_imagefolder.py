@@ -59,6 +59,13 @@ def run(grey_dir, tmp_path_factory):
     return out
 
 
+def test_training_on_a_folder_records_it_without_the_file_list(run, grey_dir):
+    meta = json.loads(next((run / "checkpoints").glob("step_*/meta.json")).read_text())
+    data = meta["extra"]["dataset"]
+    assert data["name"] == "folder" and data["path"] == str(grey_dir)
+    assert "example_files" not in data and meta["extra"]["data_shape"] == [1, 6, 5]
+
+
 def test_grey_and_rgb_folders_read_back_exactly(grey_dir, tmp_path):
     ds = load_dataset("folder", "test", path=grey_dir)
     assert ds.num_levels == 256 and ds.shape == (1, 6, 5) and len(ds) == len(GREY)
