@@ -16,7 +16,7 @@ from PIL import Image
 from idode.cli import main
 from idode.config import apply_overrides, get_preset
 from idode.data import load_dataset, parse_subset, select_examples
-from idode.evalexports import CSV_FILE, HISTOGRAMS, read_csv
+from idode.evalexports import CSV_FILE, HISTOGRAMS, export_examples, read_csv
 from idode.evaluate import evaluate
 from idode.train import train
 from idode.validation import DatasetError, InputError
@@ -223,3 +223,34 @@ def test_folder_evaluation_rows_carry_their_file_and_the_csv_equals_the_json_lin
     picked = load_dataset("folder", "test", path=grey_dir)
     assert sub["dataset"]["content_hash"] == select_examples(picked, 4, "random:1").content_hash()
     assert sub["bpd"]["mean"] == pytest.approx(np.mean([r["bpd"] for r in sub_rows]))
+
+
+def test_exports_of_one_row_and_of_nested_fields(tmp_path):
+    rows = [
+        {
+            "index": 3,
+            "bpd": 1.25,
+            "bpd_mean_of_bounds": 1.25,
+            "nfe": 38,
+            "steps_per_draw": [6],
+            "check": {"checked": True, "abs_bpd": 0.001, "draws": [1, 2]},
+            "note": None,
+        }
+    ]
+    (tmp_path / "per_example.jsonl").write_text(json.dumps(rows[0]) + "\n")
+    files = export_examples(tmp_path, rows, ["cat.png"])
+    (row,) = read_csv(files["per_example_csv"])
+    assert row == {
+        "index": "3",
+        "file": "cat.png",
+        "bpd": "1.25",
+        "bpd_mean_of_bounds": "1.25",
+        "nfe": "38",
+        "check.checked": "True",
+        "check.abs_bpd": "0.001",
+        "note": "",
+    }
+    assert _jsonl(tmp_path)[0]["file"] == "cat.png"  # the JSON lines carry the file too
+    for name in HISTOGRAMS.values():
+        with Image.open(tmp_path / name) as im:
+            assert im.format == "PNG"

@@ -5,7 +5,8 @@ that eval.json summarizes (in evaluation order):
 
 - ``per_example.csv``: one row per example, the scalar fields of its JSON line (``index``, the
   image ``file`` of a folder dataset, ``bpd`` and each bound, ``elbo_bpd``, ``nfe``, the solver
-  error fields, ...); lists (per-draw values) stay in the JSON lines. Numbers are written as
+  error fields, ...; a field holding a dict of scalars gives one column per key, ``field.key``);
+  lists (per-draw values) stay in the JSON lines. Numbers are written as
   Python's shortest round-trip repr, so the CSV holds exactly the values of the JSON lines.
 - ``hist_bpd.png`` and ``hist_nfe.png``: histograms of per-example bits/dim and NFE.
 
@@ -38,13 +39,23 @@ def _scalar(v: Any) -> bool:
     return v is None or isinstance(v, bool | int | float | str)
 
 
+def _flat(row: dict[str, Any]) -> dict[str, Any]:
+    """The row's scalar fields, a dict-valued field's scalars as ``field.key``."""
+    out: dict[str, Any] = {}
+    for k, v in row.items():
+        if isinstance(v, dict):
+            out.update({f"{k}.{q}": w for q, w in v.items() if _scalar(w)})
+        elif _scalar(v):
+            out[k] = v
+    return out
+
+
 def csv_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     """The CSV's columns: the leading ones present, then the other scalar fields of the rows."""
     seen: dict[str, None] = {}
     for r in rows:
-        for k, v in r.items():
-            if _scalar(v):
-                seen.setdefault(k)
+        for k in _flat(r):
+            seen.setdefault(k)
     return [k for k in _LEADING if k in seen] + [k for k in seen if k not in _LEADING]
 
 
@@ -53,7 +64,7 @@ def _write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(cols)
-    for r in rows:
+    for r in map(_flat, rows):
         w.writerow(["" if r.get(k) is None else r[k] for k in cols])
     return write_bytes_atomic(path, buf.getvalue().encode())
 
