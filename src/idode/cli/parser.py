@@ -332,7 +332,7 @@ def _add_compare(sub) -> None:
         "compare",
         help="paired difference of two evaluations of the same examples, with a report",
         description="The per-example difference A - B of two `idode eval` folders of the same "
-        "examples (refused when the evaluated data differ): paired 95%% interval, scatter plot, "
+        "examples (refused when the evaluated data differ): paired 95% interval, scatter plot, "
         "the solver error of each side. Writes report.md, compare.json and scatter.png.",
     )
     c.add_argument("eval_a", metavar="EVAL_A", help="an evaluation folder (or its eval.json)")
