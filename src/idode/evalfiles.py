@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +50,9 @@ _FIX = "pick another output directory (--out), or pass --overwrite (overwrite=Tr
 def image_hash(image: Tensor | np.ndarray) -> str:
     """The first 16 hex digits of the sha256 of one integer image (its shape and its values as
     little-endian int64): which image a per-example row was computed on."""
-    x = np.ascontiguousarray(np.asarray(image), dtype="<i8")
+    if isinstance(image, Tensor):
+        image = image.detach().cpu().numpy()
+    x = np.ascontiguousarray(image, dtype="<i8")
     return hashlib.sha256(f"{list(x.shape)}|".encode() + x.tobytes()).hexdigest()[:16]
 
 
@@ -74,10 +76,10 @@ def identity(
 
 
 def prepare_out_dir(
-    out: Path, ident: dict[str, Any], overwrite: bool, image_hashes: Sequence[str]
+    out: Path, ident: dict[str, Any], overwrite: bool, image_hashes: Mapping[int, str]
 ) -> str | None:
     """Start or resume ``out``; an error message if it holds results that ``ident`` (and the
-    images whose ``image_hash`` are ``image_hashes``, by index) would not reproduce."""
+    images whose ``image_hash`` are ``image_hashes``, by example index) would not reproduce."""
     if out.exists() and not out.is_dir():
         return f"the output directory {out} is a file; name a directory (or leave --out out)"
     out.mkdir(parents=True, exist_ok=True)
@@ -127,10 +129,10 @@ def _differences(saved: Any, now: dict[str, Any]) -> str | None:
     return "an evaluation that differs in " + "; and ".join(parts) if parts else None
 
 
-def _other_images(out: Path, image_hashes: Sequence[str]) -> str | None:
+def _other_images(out: Path, image_hashes: Mapping[int, str]) -> str | None:
     """Saved rows whose image is not the image at their index now, in words (None: none)."""
     rows = read_per_example(out)
-    bad = [i for i in sorted(rows) if i < len(image_hashes)]
+    bad = [i for i in sorted(rows) if i in image_hashes]
     bad = [i for i in bad if rows[i].get("image_hash") != image_hashes[i]]
     if not bad:
         return None
@@ -159,14 +161,16 @@ def read_per_example(out_dir: str | os.PathLike) -> dict[int, dict[str, Any]]:
     return rows
 
 
-def merge_examples(out: Path, n: int) -> list[dict[str, Any]]:
-    """Rank 0: all files -> one sorted ``per_example.jsonl``; the rows of examples 0..n-1."""
+def merge_examples(out: Path, n: int | Sequence[int]) -> list[dict[str, Any]]:
+    """Rank 0: all files -> one sorted ``per_example.jsonl``; the rows of examples 0..n-1 (or of
+    the example indices ``n``, in that order)."""
     done = read_per_example(out)
-    missing = [i for i in range(n) if i not in done]
+    ids = range(n) if isinstance(n, int) else n
+    missing = [i for i in ids if i not in done]
     if missing:
         raise RuntimeError(f"evaluation incomplete: no result for examples {missing[:10]} in {out}")
     rank_files = sorted(out.glob("per_example.rank*.jsonl"))
     write_jsonl_atomic(out / EXAMPLES_FILE, [done[i] for i in sorted(done)])
     for p in rank_files:  # now in per_example.jsonl
         p.unlink()
-    return [done[i] for i in range(n)]
+    return [done[i] for i in ids]

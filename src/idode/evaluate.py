@@ -42,9 +42,17 @@ from torch import Tensor
 from idode.checkpoint import LoadedCheckpoint, find_checkpoint, load_model, run_folder
 from idode.config import Config, ConfigError, DataConfig, EvalConfig, apply_overrides
 from idode.continuous import iter_bits_per_dim, stack_examples
-from idode.data import DATASETS, DatasetName, Split, dataset_from_config
+from idode.data import (
+    DATASETS,
+    DatasetName,
+    Split,
+    dataset_from_config,
+    parse_subset,
+    select_examples,
+)
 from idode.dequantization import bits_per_dim_from_nats
 from idode.distributed import broadcast, progress_bar, setup
+from idode.evalexports import export_examples
 from idode.evalfiles import (
     EXAMPLES_FILE,
     RESULT_FILE,
@@ -140,8 +148,8 @@ def _load(checkpoint, ema: bool, device: str, split: str, data_root, max_example
     else:
         model, ck = load_model(find_checkpoint(checkpoint).resolve(), ema=ema, device=dev)
         data_cfg = _eval_data_config(ck.config.data, data, overrides, data_root)
-        if data_root is not None and data_cfg.name == "npz":
-            data_cfg = replace(data_cfg, path=None)  # --data-root FILE.npz replaces data.path
+        if data_root is not None and data_cfg.name in ("npz", "folder"):
+            data_cfg = replace(data_cfg, path=None)  # --data-root FILE.npz|DIR replaces data.path
         ck = replace(ck, config=replace(ck.config, data=data_cfg))
     ds = _dataset(ck, split, data_root, max_examples)
     if "model_folder" in ck.meta:
@@ -164,7 +172,7 @@ def _dataset(ck: LoadedCheckpoint, split: str, data_root: str | None, max_exampl
     except FileNotFoundError as e:
         if data_root is not None or "model_folder" in ck.meta:
             raise
-        stored = data.path if data.name == "npz" else data.root
+        stored = data.path if data.name in ("npz", "folder") else data.root
         raise FileNotFoundError(
             f"{e} [the checkpoint {ck.path} was trained on data at {stored}; if the data is "
             f"elsewhere now, pass its location with `idode eval --data-root "
@@ -240,6 +248,7 @@ def evaluate(
     split: Split = "test",
     protocol: Protocol | None = None,
     max_examples: int | None = None,
+    subset: str = "first",
     data_root: str | None = None,
     data: DatasetName | None = None,
     overrides: list[str] | None = None,
@@ -259,15 +268,18 @@ def evaluate(
     override single ones; eval.json's ``settings_source`` says which came from where.
     out_dir: where the per-example results, the identity file and eval.json go (default
     ``default_eval_dir``); rerunning into the same out_dir resumes, and is refused if the
-    protocol, the model's weights or the data differ (``evalfiles``). max_examples: only the
-    first N examples of the split. overwrite: discard earlier results in out_dir instead.
+    protocol, the model's weights or the data differ (``evalfiles``). max_examples: only N
+    examples of the split, the first N or (subset "random" or "random:SEED") N at random; rows
+    keep their index in the split. overwrite: discard earlier results in out_dir instead.
     """
     t0 = time.perf_counter()
     given = _given(protocol, settings)
     _check_arguments(split, max_examples, given)
+    first_n = max_examples if parse_subset(subset, max_examples)[0] == "first" else None
     env, dev, model, ck, ds = _load(
-        checkpoint, ema, device, split, data_root, max_examples, data, overrides
+        checkpoint, ema, device, split, data_root, first_n, data, overrides
     )
+    ds = select_examples(ds, max_examples, subset)
     ev, source = resolve_settings(ck.config, protocol, **settings)
     out = Path(out_dir) if out_dir is not None else default_eval_dir(ck, split, ev)
     ident = _identity(ck, ema, ds, ev, with_elbo, dev)
@@ -275,7 +287,8 @@ def evaluate(
     # rank 0 checks (or starts) the output directory; every rank raises its verdict together
     err = None
     if env.is_main:
-        err = prepare_out_dir(out, ident, overwrite, [image_hash(x) for x in x_all])
+        hashes = {i: image_hash(x) for i, x in zip(ds.example_ids, x_all, strict=True)}
+        err = prepare_out_dir(out, ident, overwrite, hashes)
     err = broadcast(err, env)
     if err is not None:
         raise EvalSettingsError(err)
@@ -284,11 +297,14 @@ def evaluate(
     env.barrier()
     result = None
     if env.is_main:
-        rows = merge_examples(out, n)
+        rows = merge_examples(out, ds.example_ids)
+        exports = export_examples(out, rows, ds.info.get("example_files"))
         result = summarize(rows, n, ev.num_samples)
-        run = {"batch_size": ev.batch_size, "max_examples": max_examples, "data_root": data_root,
-               "device": str(dev), "world_size": env.world_size}  # fmt: skip
+        run = {"batch_size": ev.batch_size, "max_examples": max_examples, "subset": subset,
+               "data_root": data_root, "device": str(dev),
+               "world_size": env.world_size}  # fmt: skip
         result.update(_record(ck, ema, split, ds, ev, with_elbo, dev, out, rows, run, source))
+        result["files"].update(exports)
         result["wall_seconds"] = time.perf_counter() - t0
         write_json_atomic(out / RESULT_FILE, result)
     result = broadcast(result, env)
@@ -332,20 +348,19 @@ def _record(ck, ema, split, ds, ev: EvalConfig, with_elbo, dev, out: Path, rows,
 
 def _evaluate_examples(model, ds, x_all, out: Path, ev: EvalConfig, with_elbo: bool, env, progress):
     """This rank's examples (r, r + W, ...) not yet in ``out``, appended to its JSON-lines file."""
-    n, dev = len(ds), next(model.parameters()).device
+    n, dev, ids = len(ds), next(model.parameters()).device, ds.example_ids  # ids: index in split
     done = read_per_example(out)
-    mine = list(range(env.rank, n, env.world_size))
+    mine = [p for p in range(env.rank, n, env.world_size) if ids[p] not in done]  # positions
     own = out / (EXAMPLES_FILE if not env.distributed else f"per_example.rank{env.rank}.jsonl")
     truncate_partial_line(own)
     desc = f"eval {ev.dequantization}" + (f" (x{env.world_size} ranks)" if env.distributed else "")
     bar = progress_bar(n, desc, env=env, enabled=progress, unit="img")
     if bar is not None:
-        bar.update(sum(i in done for i in range(n)))
+        bar.update(sum(i in done for i in ids))
     try:
-        todo = [i for i in mine if i not in done]
         stream = evaluate_stream(
-            model, x_all, todo, dev, ds.num_levels, ev.protocol, with_elbo,
-            batch_size=ev.batch_size,
+            model, x_all, mine, dev, ds.num_levels, ev.protocol, with_elbo,
+            batch_size=ev.batch_size, ids=[ids[p] for p in mine],
         )  # fmt: skip
         for rows in stream:  # examples as they finish: a kill loses only the running ones
             append_jsonl(own, rows)
@@ -371,27 +386,30 @@ def evaluate_stream(
     with_elbo: bool,
     *,
     batch_size: int | None = None,
+    ids: list[int] | None = None,
 ) -> Iterator[list[dict[str, Any]]]:
     """Per-example result rows (bits/dim, solver work and error, ELBO terms, the image's hash)
     as examples finish.
 
-    One continuous-batched pass over ``indices`` of x_all [N, ...]: at most ``batch_size`` rows
-    per network call (None: all at once); each example's noise from the protocol's streams of its
-    index, so a row does not depend on which others are evaluated with it.
+    One continuous-batched pass over x_all[indices]: at most ``batch_size`` rows per network call
+    (None: all at once). ``ids``: each example's index in its split (default ``indices``), which
+    seeds its noise from the protocol's streams and is its row's ``index``, so a row does not
+    depend on which others are evaluated with it.
     """
     if not indices:
         return
+    ids = indices if ids is None else ids
     x = x_all[indices].to(dev)
     d = x[0].numel()
     stats = SolverStats()
     stream = iter_bits_per_dim(
         model, x, num_levels, protocol, batch_size=batch_size, stats=stats,
-        generator=protocol.generators(indices, dev),
+        generator=protocol.generators(ids, dev),
     )  # fmt: skip
     tic, calls = time.perf_counter(), 0
     for group in stream:
         pos = [e.index for e in group]
-        idx = [indices[j] for j in pos]
+        idx = [ids[j] for j in pos]
         lp, dec, lq, err = (
             stack_examples(group, k) for k in ("log_p_model", "log_decoder", "log_q", "logp_error")
         )
@@ -417,7 +435,7 @@ def evaluate_stream(
             )
         now = time.perf_counter()
         rows = [
-            _row(i, ex, {k: v[j] for k, v in vals.items()}, x_all[i], len(group), now - tic)
+            _row(i, ex, {k: v[j] for k, v in vals.items()}, x[pos[j]], len(group), now - tic)
             for j, (i, ex) in enumerate(zip(idx, group, strict=True))
         ]
         for row in rows:  # the network calls since the last group, shared by its examples

@@ -1,7 +1,8 @@
 """Readers of the image file formats on disk, as validated integer numpy arrays.
 
 The dataset logic (splits, sources, ``ImageDataset``) is in ``idode.data``; this module knows the
-bytes: MNIST IDX, CIFAR-10 python batches, the header of an npz entry and its image layouts.
+bytes: MNIST IDX, CIFAR-10 python batches, the header of an npz entry and its image layouts, and
+folders of PNG / JPEG / WebP / BMP files (read with Pillow).
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ import numpy as np
 
 from idode.validation import DatasetError
 
-__all__ = ["npz_header", "npz_images", "npz_num_levels", "read_cifar_batch", "read_idx_images"]
+__all__ = [
+    "IMAGE_SUFFIXES",
+    "image_files",
+    "npz_header",
+    "npz_images",
+    "npz_num_levels",
+    "read_cifar_batch",
+    "read_idx_images",
+    "read_image_folder",
+]
 
 
 def read_idx_images(path: Path) -> np.ndarray:
@@ -119,3 +129,95 @@ def npz_images(x: np.ndarray, num_levels: int, name: str) -> tuple[np.ndarray, s
         )
     x = np.ascontiguousarray(x, dtype=np.uint8 if num_levels <= 256 else np.int32)
     return x, layout
+
+
+# --------------------------------------------------------------------------------------------------
+# folders of image files
+# --------------------------------------------------------------------------------------------------
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+# Pillow modes read as they are (L grey, RGB) or converted without loss: palette images to RGB
+# (their colours), 1-bit images to L (0 / 255), and an alpha channel that is opaque everywhere
+# dropped. Anything else (transparency, 16-bit, CMYK) is refused.
+_MODES = {"L": "L", "RGB": "RGB", "P": "RGB", "1": "L", "LA": "L", "RGBA": "RGB"}
+_FIX_MODE = "convert it, e.g. Image.open(f).convert('RGB').save(f) (or 'L' for grey)"
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder`` (suffixes IMAGE_SUFFIXES, any case), sorted by
+    name; hidden files are skipped."""
+    return sorted(
+        p
+        for p in folder.iterdir()
+        if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".") and p.is_file()
+    )
+
+
+def _read_image(path: Path) -> np.ndarray:
+    """One image file as uint8 [C, H, W] (C = 1 grey or 3 RGB), never resized."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            mode = _MODES.get(im.mode)
+            if mode is None:
+                raise DatasetError(
+                    f"image {path} has Pillow mode {im.mode!r} (alpha, 16-bit or another colour "
+                    f"space); images must be 8-bit grey (L) or RGB: {_FIX_MODE}"
+                )
+            if im.mode in ("LA", "RGBA") and im.getchannel("A").getextrema() != (255, 255):
+                raise DatasetError(
+                    f"image {path} is transparent in places (mode {im.mode}); images must be "
+                    f"opaque 8-bit grey (L) or RGB: {_FIX_MODE}"
+                )
+            im = im.convert(mode) if im.mode != mode else im
+            x = np.asarray(im, dtype=np.uint8)  # decodes the whole file
+    except DatasetError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
+        # Pillow reports a damaged file as any of these, depending on the format and the damage
+        raise DatasetError(
+            f"image {path} is corrupt or not an image ({type(e).__name__}: {e}); "
+            f"replace it or remove it from the folder"
+        ) from e
+    return x[None] if x.ndim == 2 else x.transpose(2, 0, 1)
+
+
+def _describe(shape: tuple[int, ...]) -> str:
+    c, h, w = shape
+    return f"{'grey' if c == 1 else 'RGB'} {w}x{h} (width x height)"
+
+
+def read_image_folder(folder: Path) -> tuple[np.ndarray, list[str]]:
+    """The image files of a folder (``image_files``) as uint8 [N, C, H, W] and their names.
+
+    Every image must have the shape and colour mode of the first (sorted) one: nothing is
+    resized or converted between grey and RGB. Errors name the file and the fix.
+    """
+    if not folder.is_dir():
+        what = "is a file, not a folder" if folder.exists() else "not found"
+        raise FileNotFoundError(
+            f"image folder {folder} {what}: data.path must name a folder of "
+            f"{'/'.join(s[1:] for s in IMAGE_SUFFIXES)} files (--set data.path=DIR)"
+        )
+    files = image_files(folder)
+    if not files:
+        raise DatasetError(
+            f"image folder {folder} holds no image files (accepted: "
+            f"{', '.join(IMAGE_SUFFIXES)}); put the images directly in it, not in subfolders"
+        )
+    first = _read_image(files[0])
+    out = np.empty((len(files), *first.shape), np.uint8)
+    out[0] = first
+    for i, p in enumerate(files[1:], start=1):
+        x = _read_image(p)
+        if x.shape != first.shape:
+            raise DatasetError(
+                f"image {p} is {_describe(x.shape)} but {files[0].name}, the first file, is "
+                f"{_describe(first.shape)}; all images of a folder need one size and mode "
+                f"(nothing is resized): convert them first, e.g. with Pillow "
+                f"Image.open(f).convert('{'L' if first.shape[0] == 1 else 'RGB'}')"
+                f".resize(({first.shape[2]}, {first.shape[1]}))"
+            )
+        out[i] = x
+    return out, [p.name for p in files]

@@ -7,6 +7,7 @@ appended and fsynced, and a line cut by a kill is dropped on the next read or ap
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import os
@@ -23,6 +24,8 @@ __all__ = [
     "read_jsonl",
     "read_metrics",
     "truncate_partial_line",
+    "write_bytes_atomic",
+    "write_figure_atomic",
     "write_json_atomic",
     "write_jsonl_atomic",
 ]
@@ -57,18 +60,30 @@ def _fsync_replace(tmp: Path, path: Path) -> None:
         os.close(fd)
 
 
-def _write_text_atomic(path: Path, text: str) -> Path:
-    """text -> path, complete or not at all: a hidden temporary file, fsync, rename."""
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """data -> path, complete or not at all: a hidden temporary file, fsync, rename."""
+    path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         _fsync_replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _write_text_atomic(path: Path, text: str) -> Path:
+    return write_bytes_atomic(path, text.encode())
+
+
+def write_figure_atomic(path: str | os.PathLike, fig: Any, **savefig: Any) -> Path:
+    """A matplotlib figure -> path (format from the suffix), complete or not at all."""
+    buf = io.BytesIO()
+    fig.savefig(buf, format=Path(path).suffix.lstrip(".") or "png", **savefig)
+    return write_bytes_atomic(path, buf.getvalue())
 
 
 def write_json_atomic(

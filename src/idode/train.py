@@ -254,7 +254,10 @@ def _setup(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device) -> _R
         run_dir,
         env,
         device,
-        {"name": train_ds.name, **jsonable(train_ds.info)},
+        {
+            "name": train_ds.name,  # not an image folder's file names, in every checkpoint
+            **jsonable({k: v for k, v in train_ds.info.items() if k != "example_files"}),
+        },
         train_ds.shape,
         train_ds.num_levels,
         eval_ds.as_tensor(),

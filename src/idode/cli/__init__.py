@@ -4,11 +4,13 @@ idode train    --config PRESET|FILE.json [--set key=value ...] --out RUN_DIR [--
 idode finetune --from RUN_DIR/checkpoint --out RUN_DIR2 [--steps N] [--weight 0.1] [--resume]
 idode eval     --checkpoint CKPT [--dequantization ...] [--num-samples K] [--out DIR]
 idode eval     --checkpoint DIFFUSERS_DIR --data NAME [--set data.root=DIR]
+idode eval     --checkpoint CKPT --data folder --set data.path=DIR [--subset random]
 idode sample   --checkpoint CKPT -n 64 [--out PREFIX]
 idode demo     [--out DIR]
 idode ablate   --preset digits [--quick] --out DIR [--docs DIR]
 idode ablate   --render RESULTS_JSON [--docs DIR]
 idode convert  CKPT.flax --config PRESET [--set key=value ...] --out DIR
+idode compare  EVAL_A EVAL_B [--out DIR]
 
 Exit status: 0 done; 2 a user error, told in one line ``idode: error: <problem>: <fix>``; 130
 interrupted; 141 the reader of stdout went away (``| head``). A traceback means a bug (or

@@ -9,6 +9,7 @@ from pathlib import Path
 
 __all__ = [
     "cmd_ablate",
+    "cmd_compare",
     "cmd_convert",
     "cmd_demo",
     "cmd_eval",
@@ -120,6 +121,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         args.out,
         split=args.split,
         max_examples=args.max_examples,
+        subset=args.subset,
         data_root=args.data_root,
         data=args.data,
         overrides=args.set,
@@ -200,4 +202,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     cfg = _load_config(args.config, args.set)
     out = convert_checkpoint(args.ckpt, args.out, cfg)
     print(f"converted {args.ckpt} -> {out}  (idode eval --checkpoint {out})")
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from idode.compare import compare, summary_line
+
+    report = compare(args.eval_a, args.eval_b, args.out)
+    print(summary_line(report))
+    print(f"report: {report['files']['report']}")
     return 0

@@ -124,6 +124,15 @@ def _device(text: str) -> str:
 
 
 DEVICE_HELP = "auto (default), cpu, cuda or cuda:N"
+
+
+def _subset(text: str) -> str:
+    from idode.data import parse_subset
+
+    parse_subset(text, max_examples=1)  # the spelling; whether N is given is checked later
+    return text
+
+
 POSITIVE_INT = _arg_type("positive_int", lambda t: _positive(t, True))
 POSITIVE_FLOAT = _arg_type("positive_float", lambda t: _positive(t, False))
 NON_NEGATIVE_FLOAT = _arg_type("non_negative_float", _non_negative)
@@ -133,6 +142,7 @@ INT = _arg_type("int", lambda t: _integer(t))
 OUT_DIR = _arg_type("out_dir", lambda t: _out_path(t, True))
 OUT_PREFIX = _arg_type("out_prefix", lambda t: _out_path(t, False))
 DEVICE = _arg_type("device", _device)
+SUBSET = _arg_type("subset", _subset)
 
 
 _STOP_NOTE = (
@@ -152,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_train, _add_finetune, _add_eval, _add_sample, _add_demo, _add_ablate):
         add(sub)
     _add_convert(sub)
+    _add_compare(sub)
     return p
 
 
@@ -233,8 +244,19 @@ def _add_eval(sub) -> None:
         help="rows per network call, refilled as solves end (default: checkpoint)",
     )
     e.add_argument("--max-examples", type=POSITIVE_INT, default=None)
+    e.add_argument(
+        "--subset",
+        type=SUBSET,
+        default="first",
+        metavar="first|random[:SEED]",
+        help="which --max-examples N: the first N (default) or N at random (seed 0 unless given)",
+    )
     e.add_argument("--data-root", default=None, help="override the dataset directory")
-    e.add_argument("--data", choices=list(DATASETS), help="dataset (needed for a diffusers folder)")
+    e.add_argument(
+        "--data",
+        choices=list(DATASETS),
+        help="dataset (needed for a diffusers folder); 'folder': image files in data.path=DIR",
+    )
     e.add_argument(
         "--set", action="append", metavar="data.KEY=VALUE", help="data override, e.g. data.root=DIR"
     )
@@ -331,3 +353,19 @@ def _add_convert(sub) -> None:
     )
     c.add_argument("--out", required=True, type=OUT_DIR, help="the idode run directory to create")
     c.set_defaults(fn=commands.cmd_convert)
+
+
+def _add_compare(sub) -> None:
+    c = sub.add_parser(
+        "compare",
+        help="paired difference of two evaluations of the same examples, with a report",
+        description="The per-example difference A - B of two `idode eval` folders of the same "
+        "examples (refused when the evaluated data differ): paired 95% interval, scatter plot, "
+        "the solver error of each side. Writes report.md, compare.json and scatter.png.",
+    )
+    c.add_argument("eval_a", metavar="EVAL_A", help="an evaluation folder (or its eval.json)")
+    c.add_argument("eval_b", metavar="EVAL_B", help="the other evaluation of the same examples")
+    c.add_argument(
+        "--out", type=OUT_DIR, help="output folder (default: compare_A_vs_B beside EVAL_A)"
+    )
+    c.set_defaults(fn=commands.cmd_compare)
