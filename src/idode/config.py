@@ -15,13 +15,19 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
-from idode.data import DatasetName, ImageNetVersion, Split
-from idode.dequantization import Dequantization
-from idode.divergence import ProbeKind
-from idode.likelihood import Divergence, Tolerance
-from idode.nets import NetKind
-from idode.parameterization import Parameterization
-from idode.schedules import ScheduleName
+from idode.choices import (
+    DatasetName,
+    Dequantization,
+    Divergence,
+    ImageNetVersion,
+    NetKind,
+    Parameterization,
+    Precision,
+    ProbeKind,
+    ScheduleName,
+    Split,
+    Tolerance,
+)
 from idode.validation import InputError, check_choice, check_device
 
 __all__ = [
@@ -40,9 +46,6 @@ __all__ = [
 
 class ConfigError(InputError):
     """A bad config value, an unknown key or an unknown preset."""
-
-
-Precision = Literal["fp32", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -192,7 +195,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
 
 
 def _check_section(section: str, obj: Any) -> None:
-    """Type and Literal choice of each field (the choice lists are the math modules' Literals)."""
+    """Type and Literal choice of each field (the choice lists are idode.choices' Literals)."""
     for name, hint in typing.get_type_hints(type(obj)).items():
         key, value = f"{section}.{name}", getattr(obj, name)
         args = typing.get_args(hint)

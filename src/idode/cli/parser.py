@@ -173,9 +173,7 @@ def _add_finetune(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    from idode.data import DATASETS, SPLITS
-    from idode.dequantization import DEQUANTIZATIONS
-    from idode.likelihood import DIVERGENCES, TOLERANCES
+    from idode.choices import DATASETS, DEQUANTIZATIONS, DIVERGENCES, SPLITS, TOLERANCES
 
     e = sub.add_parser(
         "eval",
