@@ -5,14 +5,13 @@ import torch
 
 from idode.checkpoint import build_model
 from idode.config import (
-    PRESETS,
     ConfigError,
     apply_overrides,
     config_from_dict,
     config_to_dict,
-    get_preset,
 )
 from idode.nets import count_parameters
+from idode.presets import PRESETS, get_preset
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

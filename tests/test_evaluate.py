@@ -8,8 +8,9 @@ from scipy.stats import norm
 
 from idode import evaluate as evaluate_module
 from idode.checkpoint import CheckpointError, find_checkpoint
-from idode.config import ConfigError, apply_overrides, get_preset
+from idode.config import ConfigError, apply_overrides
 from idode.evaluate import EvalSettingsError, evaluate, read_per_example
+from idode.presets import get_preset
 from idode.train import train
 
 TINY = [

@@ -18,8 +18,9 @@ import torch
 from idode import train as train_module
 from idode.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from idode.cli import main
-from idode.config import apply_overrides, get_preset
+from idode.config import apply_overrides
 from idode.evaluate import evaluate
+from idode.presets import get_preset
 from idode.rundir import read_jsonl
 from idode.runguard import RunFolderError
 from idode.sampling import sample_to_files

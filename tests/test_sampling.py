@@ -3,7 +3,8 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from idode.config import apply_overrides, get_preset
+from idode.config import apply_overrides
+from idode.presets import get_preset
 from idode.sampling import sample_to_files, save_image_grid
 from idode.train import train
 

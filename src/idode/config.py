@@ -1,9 +1,9 @@
-"""Typed run configuration: frozen dataclasses, one comment per knob, and the presets.
+"""Typed run configuration: frozen dataclasses, one comment per knob.
 
 A ``Config`` is saved as JSON into every run directory and every checkpoint; ``--set key=value``
 overrides any field by its dotted path (``train.steps=2000``), with the value parsed to the
-field's type. Presets reproduce the official hyperparameters (method.md §8.2) and add small CPU
-variants.
+field's type. The named configs (the official hyperparameters, method.md §8.2, and small CPU
+variants) are in ``idode.presets``.
 """
 
 from __future__ import annotations
@@ -364,12 +364,3 @@ def config_differences(saved: Config, now: Config, sections=("model", "data")) -
 
 def dumps(cfg: Config) -> str:
     return json.dumps(config_to_dict(cfg), indent=2, sort_keys=False)
-
-
-def __getattr__(name: str) -> Any:
-    # the presets live in idode.presets (built from this module's dataclasses); keep the old names
-    if name in ("PRESETS", "get_preset"):
-        from idode import presets
-
-        return getattr(presets, name)
-    raise AttributeError(f"module 'idode.config' has no attribute {name!r}")

@@ -35,13 +35,14 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from idode.choices import DATASETS, IMAGENET_VERSIONS, SPLITS, DatasetName, ImageNetVersion, Split
+from idode.config import DataConfig
 from idode.imagefiles import (
     npz_header,
     npz_images,
@@ -51,19 +52,13 @@ from idode.imagefiles import (
 )
 from idode.validation import DatasetError, InputError, check_choice, check_integer_data
 
-if TYPE_CHECKING:
-    from idode.config import DataConfig
-
 __all__ = [
     "DATASETS",
     "SPLITS",
     "ImageDataset",
-    "ImageLoader",
-    "augment_batch",
     "dataset_from_config",
     "held_out_subset",
     "load_dataset",
-    "make_loader",
     "subset",
 ]
 
@@ -432,7 +427,3 @@ def _load_npz(split: str, path: Path) -> ImageDataset:
     x, layout = npz_images(x, num_levels, f"{path}['{key}']")
     info = {"path": str(path), "key": key, "layout": layout}
     return ImageDataset(x, num_levels, "npz", split, info)
-
-
-# the loader moved to idode.loader; importing it from here keeps working
-from idode.loader import ImageLoader, augment_batch, make_loader  # noqa: E402

@@ -29,7 +29,6 @@ __all__ = [
     "bin_centers",
     "bits_per_dim_from_nats",
     "nats_to_bits_per_dim",
-    "check_integer_data",
     "decoder_log_prob",
     "dequantize",
     "sample_truncated_normal",

@@ -25,7 +25,6 @@ from idode.dequantization import (
     Dequantization,
     bin_centers,
     bits_per_dim_from_nats,
-    check_integer_data,
     decoder_log_prob,
 )
 from idode.divergence import (
@@ -36,10 +35,11 @@ from idode.divergence import (
     hutchinson_divergence,
     sample_probes,
 )
-from idode.losses import check_model_input, diffusion_loss_terms
-from idode.parameterization import DiffusionODE, check_choice
+from idode.losses import diffusion_loss_terms
+from idode.parameterization import DiffusionODE
 from idode.rng import Generators
 from idode.solvers import SolverStats, nfe_of_steps, solve_ivp
+from idode.validation import check_choice, check_integer_data, check_model_input
 
 __all__ = [
     "BPDResult",

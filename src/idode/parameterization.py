@@ -22,9 +22,9 @@ from torch import Tensor, nn
 
 from idode.choices import PARAMETERIZATIONS, Parameterization
 from idode.schedules import Schedule
-from idode.validation import check_choice  # re-exported: its home moved to validation
+from idode.validation import check_choice
 
-__all__ = ["Parameterization", "PARAMETERIZATIONS", "DiffusionODE", "check_choice", "expand"]
+__all__ = ["Parameterization", "PARAMETERIZATIONS", "DiffusionODE", "expand"]
 
 Net = Callable[[Tensor, Tensor], Tensor]
 

@@ -19,7 +19,8 @@ __all__ = [
 
 
 def _load_config(spec: str, overrides: list[str] | None):
-    from idode.config import PRESETS, ConfigError, apply_overrides, config_from_dict, get_preset
+    from idode.config import ConfigError, apply_overrides, config_from_dict
+    from idode.presets import PRESETS, get_preset
 
     if spec in PRESETS:
         cfg = get_preset(spec)

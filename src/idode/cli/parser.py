@@ -127,7 +127,7 @@ def _common(sp: argparse.ArgumentParser) -> None:
 
 
 def _add_train(sub) -> None:
-    from idode.config import PRESETS
+    from idode.presets import PRESETS
 
     t = sub.add_parser(
         "train",
@@ -289,7 +289,7 @@ def _add_ablate(sub) -> None:
 
 
 def _add_convert(sub) -> None:
-    from idode.config import PRESETS
+    from idode.presets import PRESETS
 
     c = sub.add_parser("convert", help="an official i-DODE / VDM Flax checkpoint -> idode run dir")
     c.add_argument("ckpt", help="a clu ckpt-N.flax file, or a directory (its newest ckpt-*.flax)")

@@ -34,9 +34,10 @@ def run_demo(
     progress: bool = True,
 ) -> Path:
     """Train, evaluate and report; returns the path of report.md."""
-    from idode.config import apply_overrides, get_preset
+    from idode.config import apply_overrides
     from idode.data import load_dataset
     from idode.evaluate import evaluate
+    from idode.presets import get_preset
     from idode.rundir import write_json_atomic
     from idode.sampling import sample_to_files, save_image_grid
     from idode.train import train

@@ -10,14 +10,12 @@ from __future__ import annotations
 from torch import nn
 
 from idode.choices import NET_KINDS, NetKind
-from idode.divergence import first_order_input_gradients
 from idode.nets.mlp import MLP
 from idode.nets.unet import ScoreUNet
 
 __all__ = [
     "MLP",
     "ScoreUNet",
-    "first_order_input_gradients",
     "NET_KINDS",
     "NetKind",
     "make_net",
