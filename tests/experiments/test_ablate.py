@@ -16,10 +16,10 @@ from idode.experiments.ablate import (
     render_results_md,
     run_ablation,
 )
-from idode.experiments.ablate.collect import paired_stat, stat
 from idode.experiments.ablate.grid import FT1, FT2, finetune_run_config, run_config
 from idode.experiments.ablate.jobs import trace_cov
 from idode.experiments.ablate.report import _diff, _pm
+from idode.experiments.ablate.summary import paired_stat, stat
 from idode.stats import logmeanexp, verdict
 
 

@@ -20,32 +20,10 @@ from idode.experiments.ablate.jobs import (
     VarianceOutcome,
 )
 from idode.experiments.ablate.scheduler import Job, JobRecord
-from idode.stats import logmeanexp, paired, summarize, verdict
+from idode.experiments.ablate.summary import paired_stat, stat
+from idode.stats import logmeanexp, summarize, verdict
 
-__all__ = ["AblationResults", "Claim", "collect", "paired_stat", "stage_line", "stat"]
-
-
-def stat(values: Any) -> dict[str, Any]:
-    """results.json's summary of per-example values: mean, se, ci95, sd, n (se, ci95 and sd are
-    None for a single value)."""
-    s = summarize(np.asarray(values, dtype=np.float64).ravel())
-    ci = list(s.ci95) if s.ci95 is not None else None
-    return {"mean": s.mean, "se": s.stderr, "ci95": ci, "sd": s.std, "n": s.n}
-
-
-def paired_stat(a: Any, b: Any) -> dict[str, Any]:
-    """results.json's summary of the paired differences a - b [n], with the two means."""
-    s = paired(a, b)
-    ci = list(s.ci95) if s.ci95 is not None else None
-    return {
-        "mean": s.mean,
-        "se": s.stderr,
-        "ci95": ci,
-        "sd": s.std,
-        "n": s.n,
-        "a_mean": float(np.mean(a)),
-        "b_mean": float(np.mean(b)),
-    }
+__all__ = ["AblationResults", "Claim", "collect", "stage_line"]
 
 
 def _bpd(nats: np.ndarray, d: int) -> np.ndarray:
