@@ -21,7 +21,7 @@ LAYERS: dict[int, set[str]] = {
         "dequantization",
         "likelihood",
         "continuous",
-        "sampler",
+        "ode_sampling",
     },
     2: {  # models, data, configs and file formats
         "nets",
@@ -37,7 +37,7 @@ LAYERS: dict[int, set[str]] = {
         "convert",
         "adapters",
     },
-    3: {"distributed", "runguard", "train", "evaluate", "sampling"},  # the loops
+    3: {"distributed", "runguard", "train", "evaluate", "write_samples"},  # the loops
     4: {"cli", "experiments", "__main__", "__init__"},  # the command line and the studies
 }
 LAYER_OF = {name: k for k, names in LAYERS.items() for name in names}

@@ -23,8 +23,8 @@ from idode.evaluate import evaluate
 from idode.presets import get_preset
 from idode.rundir import read_jsonl
 from idode.runguard import RunFolderError
-from idode.sampling import sample_to_files
 from idode.train import TrainingStopped, train
+from idode.write_samples import sample_to_files
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 TINY = [

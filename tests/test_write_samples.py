@@ -5,8 +5,8 @@ from matplotlib.image import imread
 
 from idode.config import apply_overrides
 from idode.presets import get_preset
-from idode.sampling import sample_to_files, save_image_grid
 from idode.train import train
+from idode.write_samples import sample_to_files, save_image_grid
 
 TINY = [
     "train.steps=20",

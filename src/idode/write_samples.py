@@ -40,8 +40,8 @@ def sample_to_files(
     """
     from idode.checkpoint import CheckpointError, load_model
     from idode.distributed import DistEnv, progress_bar, resolve_device
+    from idode.ode_sampling import ode_sample
     from idode.rng import example_generators
-    from idode.sampler import ode_sample
 
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")

@@ -150,7 +150,7 @@ def _bpd_line(result: dict) -> str:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from idode.sampling import sample_to_files
+    from idode.write_samples import sample_to_files
 
     res = sample_to_files(
         args.checkpoint,

@@ -39,8 +39,8 @@ def run_demo(
     from idode.evaluate import evaluate
     from idode.presets import get_preset
     from idode.rundir import write_json_atomic
-    from idode.sampling import sample_to_files, save_image_grid
     from idode.train import train
+    from idode.write_samples import sample_to_files, save_image_grid
 
     out = Path(out)
     t0 = time.time()
