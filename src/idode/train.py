@@ -46,7 +46,7 @@ from idode.losses import diffusion_loss_terms
 from idode.model import build_model
 from idode.parameterization import DiffusionODE
 from idode.rng import example_generators, stream_seed
-from idode.rundir import MetricsLog, jsonable
+from idode.rundir import MetricsLog, jsonable, write_text_atomic
 from idode.runguard import StopSignals, absolute_data_paths, prepare_run_dir, trim_metrics
 
 __all__ = ["TrainingDiverged", "TrainingStopped", "TrainResult", "train"]
@@ -453,7 +453,7 @@ def train(
     run, ck = _begin(cfg, Path(run_dir), resume, init_from, overwrite)
     t, env = cfg.train, run.env
     if env.is_main:
-        (run.run_dir / "config.json").write_text(dumps(cfg) + "\n")
+        write_text_atomic(run.run_dir / "config.json", dumps(cfg) + "\n")
     log = MetricsLog(run.run_dir, env.is_main, purge_step=ck.step + 1 if resume else None)
     bar = progress_bar(t.steps, "train", env=env, initial=run.step, enabled=progress)
     last: dict[str, float] = {}

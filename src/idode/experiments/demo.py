@@ -38,7 +38,7 @@ def run_demo(
     from idode.data import load_dataset
     from idode.evaluate import evaluate
     from idode.presets import get_preset
-    from idode.rundir import write_json_atomic
+    from idode.rundir import write_json_atomic, write_text_atomic
     from idode.train import train
     from idode.write_samples import sample_to_files, save_image_grid
 
@@ -90,8 +90,7 @@ def run_demo(
 
     _figures(out, results)
     report = _report(cfg, results, samples, t_train, t_eval, time.time() - t0, quick, out)
-    path = out / "report.md"
-    path.write_text(report)
+    path = write_text_atomic(out / "report.md", report)
     write_json_atomic(
         out / "demo_results.json",
         {
