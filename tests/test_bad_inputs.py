@@ -168,6 +168,7 @@ ROWS: dict[str, Row] = {
     "sample --out in a file": Row(
         "sample --checkpoint x --out {file}/samples", r"is a file, not a folder: choose another"
     ),
+    "ablate without --out": Row("ablate --quick", r"one of the arguments --out --render is requi"),
     "ablate --steps -1": Row("ablate --out {tmp}/a --steps -1", r"--steps: must be a positive"),
     "ablate --out file": Row("ablate --out {file}", r"--out: .* is an existing file"),
     "demo --steps 0": Row("demo --out {tmp}/d --steps 0", r"--steps: must be a positive integer"),

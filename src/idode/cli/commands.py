@@ -181,8 +181,6 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         path = render_docs(args.render, args.docs or Path(args.render).parent)
         print(f"wrote {path}")
         return 0
-    if not args.out:
-        raise SystemExit("idode ablate: --out DIR is required (or --render RESULTS_JSON)")
     run_ablation(
         args.preset,
         args.out,

@@ -268,9 +268,8 @@ def _add_ablate(sub) -> None:
         help="the paper's ablations at small scale, with a report (or --render one again)",
     )
     a.add_argument("--preset", default="digits", choices=["digits", "mnist"])
-    a.add_argument(
-        "--out", type=OUT_DIR, help="output folder of the run (required unless --render)"
-    )
+    what = a.add_mutually_exclusive_group(required=True)  # argparse's own usage error if neither
+    what.add_argument("--out", type=OUT_DIR, help="output folder of the run (or --render)")
     a.add_argument(
         "--steps", type=POSITIVE_INT, default=None, help="base training steps of every run"
     )
@@ -278,7 +277,7 @@ def _add_ablate(sub) -> None:
     a.add_argument(
         "--workers", type=POSITIVE_INT, default=None, help="processes (default min(2, cpus))"
     )
-    a.add_argument(
+    what.add_argument(
         "--render", metavar="RESULTS_JSON", help="only re-render figures and report from this file"
     )
     a.add_argument(
