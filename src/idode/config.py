@@ -131,7 +131,7 @@ class EvalConfig:
     tolerance: Tolerance = "logp"  # error control: logp (image RMS + the log-density's own test)
     #                                 | paper (one RMS over image and log-density, as official)
     logp_atol: float | None = None  # log-density tolerance, nats (None: 1e-4 bits/dim x d ln 2)
-    batch_size: int = 256  # images per ODE solve
+    batch_size: int = 256  # (image, draw) rows per network call, refilled as solves finish
     seed: int = 0  # seed of the per-example dequantization noise and probes
 
 

@@ -254,8 +254,13 @@ def _add_demo(sub) -> None:
     d.add_argument(
         "--out", type=OUT_DIR, default="runs/demo", help="run directory (default runs/demo)"
     )
+    from idode.experiments.demo import DEMO_QUICK_STEPS, DEMO_STEPS
+
     d.add_argument(
-        "--steps", type=POSITIVE_INT, default=None, help="training steps (default: preset)"
+        "--steps",
+        type=POSITIVE_INT,
+        default=None,
+        help=f"training steps (default {DEMO_STEPS}; {DEMO_QUICK_STEPS} with --quick)",
     )
     d.add_argument("--quick", action="store_true", help="a ~1 minute smoke version")
     _common(d)

@@ -17,9 +17,10 @@ import torch
 
 from idode.stats import Z95
 
-__all__ = ["run_demo", "DEMO_STEPS"]
+__all__ = ["run_demo", "DEMO_STEPS", "DEMO_QUICK_STEPS"]
 
 DEMO_STEPS = 4000
+DEMO_QUICK_STEPS = 150  # --quick
 
 
 def _fmt(x: float, nd: int = 3) -> str:
@@ -44,7 +45,7 @@ def run_demo(
 
     out = Path(out)
     t0 = time.time()
-    steps = steps or (150 if quick else DEMO_STEPS)
+    steps = steps or (DEMO_QUICK_STEPS if quick else DEMO_STEPS)
     overrides = [f"train.steps={steps}", f"train.checkpoint_every={steps}"]
     if quick:
         overrides += ["train.eval_every=50", "model.n_embd=16", "data.eval_examples=64"]
