@@ -75,7 +75,8 @@ class ModelConfig:
     fourier_features: bool = True  # UNet input Fourier features sin/cos(2^f 2 pi z)
     fourier_levels: int | None = None  # f = log2(L/4), log2(L/2) for L levels (256: VDM's 6, 7);
     #                                    None: L = the dataset's number of grey levels
-    checkpoint: bool = False  # UNet activation checkpointing (saves memory, costs compute)
+    activation_checkpointing: bool = False  # UNet: recompute activations in backward (less
+    #                                           memory, more compute); not saved checkpoints
     mlp_hidden: int = 256  # MLP hidden width
     mlp_depth: int = 3  # MLP hidden layers
     schedule: ScheduleName = "VP"  # noise schedule: VP | SP
@@ -263,8 +264,31 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# keys renamed since config.json files were first written (old -> new): old files still load,
+# and --set accepts the old name
+RENAMED_KEYS = {"model.checkpoint": "model.activation_checkpointing"}
+
+
+def _renamed(section: str, values: dict) -> dict:
+    """A section's dict with the keys of RENAMED_KEYS under their new names."""
+    out = dict(values)
+    for old, new in RENAMED_KEYS.items():
+        (sec, a), (_, b) = old.split("."), new.split(".")
+        if sec == section and a in out:
+            if b in out:
+                raise ConfigError(
+                    f"config section {section!r} has both {a!r} and its new name "
+                    f"{b!r}; keep only {b!r}"
+                )
+            out[b] = out.pop(a)
+    return out
+
+
 def config_from_dict(d: dict) -> Config:
-    """Rebuild a Config from its dict, refusing unknown keys (a typo must not pass silently)."""
+    """Rebuild a Config from its dict, refusing unknown keys (a typo must not pass silently).
+
+    Keys of older files are read under their new names (``RENAMED_KEYS``).
+    """
     if not isinstance(d, dict):
         raise ConfigError(f"a config must be a JSON object, got {type(d).__name__}")
     kwargs: dict[str, Any] = {}
@@ -276,6 +300,9 @@ def config_from_dict(d: dict) -> Config:
         if sub is None:
             kwargs[key] = value
             continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section {key!r} must be a JSON object, got {value!r}")
+        value = _renamed(key, value)
         valid = {f.name for f in fields(sub)}
         unknown = set(value) - valid
         if unknown:
@@ -331,7 +358,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r} (e.g. train.steps=1000)")
         key, raw = item.split("=", 1)
-        key = key.strip()
+        key = RENAMED_KEYS.get(key.strip(), key.strip())
         if "." not in key:
             raise ConfigError(
                 f"--set key {key!r} needs a section: one of {', '.join(sections)} "
