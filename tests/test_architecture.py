@@ -8,7 +8,11 @@ under ``TYPE_CHECKING`` too (such an import still makes the two modules depend o
 
 import ast
 import pathlib
+import re
+import sys
 from collections.abc import Iterator
+
+import pytest
 
 import idode
 
@@ -238,3 +242,42 @@ def test_no_import_cycles_counting_imports_inside_functions_and_type_checking():
     cycles = [c for c in strongly_connected(import_graph()) if len(c) > 1]
     unexpected = [sorted(c) for c in cycles if c not in CYCLES_BEING_REMOVED]
     assert not unexpected, f"import cycles (move the shared piece down): {unexpected}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Runtime dependencies: exactly what the package imports (test-only references go to extras)
+# --------------------------------------------------------------------------------------------------
+
+# a distribution whose import name differs from its name (tensorboard is reached through torch)
+_IMPORTED_AS = {"scikit-learn": "sklearn", "tensorboard": "torch.utils.tensorboard"}
+
+
+def test_runtime_dependencies_are_exactly_what_the_package_imports():
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = ROOT.parents[1] / "pyproject.toml"
+    if not pyproject.is_file():
+        pytest.skip("not a source checkout")
+    project = tomllib.loads(pyproject.read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {
+            _IMPORTED_AS.get(n, n) for n in (re.split(r"[<>=!~;\[ ]", r)[0] for r in requirements)
+        }
+
+    runtime = names(project["dependencies"])
+    optional = names(project["optional-dependencies"]["adapters"])
+    imported = set()
+    for path in ROOT.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                imported.add(node.module)
+    third_party = {
+        m for m in imported if m.split(".")[0] not in sys.stdlib_module_names | {"idode"}
+    }
+    unused = {d for d in runtime if not any(m == d or m.startswith(d + ".") for m in imported)}
+    assert not unused, f"runtime dependencies the package never imports: {sorted(unused)}"
+    tops = {d.split(".")[0] for d in runtime | optional}
+    undeclared = {m for m in third_party if m.split(".")[0] not in tops}
+    assert not undeclared, f"imported but not declared: {sorted(undeclared)}"
