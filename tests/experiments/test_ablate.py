@@ -2,9 +2,11 @@
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from scipy.special import logsumexp
 
 from idode.cli import main
 from idode.experiments.ablate import (
@@ -16,11 +18,13 @@ from idode.experiments.ablate import (
     render_results_md,
     run_ablation,
 )
+from idode.experiments.ablate.collect import _dequantization
 from idode.experiments.ablate.grid import FT1, FT2, finetune_run_config, run_config
-from idode.experiments.ablate.jobs import trace_cov
+from idode.experiments.ablate.jobs import OdeOutcome, trace_cov
 from idode.experiments.ablate.report import _diff, _pm
+from idode.experiments.ablate.scheduler import Job, JobRecord
 from idode.experiments.ablate.summary import paired_stat, stat
-from idode.stats import logmeanexp, verdict
+from idode.stats import verdict
 
 
 def test_paired_summary_and_verdict():
@@ -61,12 +65,59 @@ def test_trace_cov_matches_numpy():
     assert trace_cov(c @ c.T, boot) == pytest.approx(np.trace(np.cov(g[boot].T)))
 
 
+def _ode_chunk(rows: np.ndarray, per_draw: np.ndarray, nfe: np.ndarray, d: int) -> OdeOutcome:
+    return OdeOutcome(
+        positions=rows,
+        bound_analytic=per_draw[rows] + 0.5,  # differs from the per-draw one, as in the study
+        bound_per_draw=per_draw[rows],
+        nfe=nfe[rows],
+        num_dims=d,
+    )
+
+
 def test_iw_bound_groups():
-    # equal per-draw bounds: every IW bound equals them (the -log K cancels the sum)
-    x = np.full((3, 16), -100.0)
+    """collect's dequantization section groups the k_max per-draw bounds of each image into
+    k_max / K disjoint groups of K for the IW bound (-log of the mean of e^bound, in bits/dim,
+    averaged over the groups) and adds the NFE within a group; here against scipy's logsumexp
+    in a loop, from chunks handed over out of order."""
+    rng = np.random.default_rng(0)
+    n, k_max, d = 5, 16, 64
+    per_draw = rng.normal(-100.0, 3.0, (n, k_max))  # nats; a spread that makes K matter
+    nfe = rng.integers(20, 80, (n, k_max))
+    jobs, done = [], {}
+    for group in ("uniform", "variational", "truncated_normal"):
+        for part, rows in enumerate((np.arange(3, 5), np.arange(0, 3))):  # later images first
+            key = f"{group}/{part}"
+            jobs.append(Job(key=key, fn=print, stage="dequantization", group=group))
+            done[key] = JobRecord(_ode_chunk(rows, per_draw, nfe, d), 0.0, 0.0)
+    raw: dict = {}
+    out = _dequantization(SimpleNamespace(k_max=k_max), jobs, done, raw)
+
+    assert out["k_values"] == [1, 4, 16] and out["n"] == n
+    bpd = raw["dequantization"]["per_example_bpd"]
+    got_nfe = raw["dequantization"]["per_example_nfe"]
     for k in (1, 4, 16):
-        groups = x.reshape(3, 16 // k, k)
-        assert np.allclose(logmeanexp(groups, 2), -100.0)
+        want = [
+            np.mean(
+                [
+                    -(logsumexp(per_draw[i, g : g + k]) - math.log(k)) / (d * math.log(2))
+                    for g in range(0, k_max, k)
+                ]
+            )
+            for i in range(n)
+        ]
+        np.testing.assert_allclose(bpd[f"iw_k{k}"], want, rtol=1e-12)
+        want_nfe = [
+            np.mean([nfe[i, g : g + k].sum() for g in range(0, k_max, k)]) for i in range(n)
+        ]
+        np.testing.assert_allclose(got_nfe[f"iw_k{k}"], want_nfe, rtol=1e-12)
+        assert out["entries"][f"iw_k{k}"]["bpd"]["mean"] == pytest.approx(np.mean(want))
+    # more draws per group: a tighter bound on every image (Jensen)
+    assert np.all(bpd["iw_k16"] < bpd["iw_k4"]) and np.all(bpd["iw_k4"] < bpd["iw_k1"])
+    tn_k1 = -(per_draw + 0.5).mean(1) / (d * math.log(2))
+    np.testing.assert_allclose(bpd["tn_k1"], tn_k1, rtol=1e-12)
+    pair = out["paired"]["tn_k1_minus_iw_k4"]
+    assert pair["mean"] == pytest.approx(np.mean(tn_k1 - bpd["iw_k4"]), rel=1e-12)
 
 
 def test_settings():
