@@ -28,18 +28,19 @@ def _alpha2_integral(schedule, f, lo: float, hi: float) -> float:
     return quad(lambda g: a2(g) * f(g), lo, hi, epsabs=0.0, epsrel=1e-11, limit=200)[0]
 
 
+def _iid_gammas(schedule, n: int, importance_sampling: bool):
+    generator = torch.Generator().manual_seed(0)
+    return sample_gamma(
+        schedule, n, importance_sampling=importance_sampling, antithetic=False, generator=generator
+    )
+
+
 @pytest.mark.parametrize("importance_sampling", [True, False])
 def test_weighted_gammas_integrate_alpha2_times_any_function(schedule, importance_sampling):
     """alpha^2/p is the importance weight of the drawn gammas: for any f,
     E_p[f(gamma) alpha^2/p] = int alpha^2 f dgamma (here against quadrature, within 4.5 SE)."""
     n = 200_000
-    gs = sample_gamma(
-        schedule,
-        n,
-        importance_sampling=importance_sampling,
-        antithetic=False,
-        generator=torch.Generator().manual_seed(0),
-    )
+    gs = _iid_gammas(schedule, n, importance_sampling)
     g = gs.gamma.double().numpy()
     assert g.min() >= schedule.gamma_min and g.max() <= schedule.gamma_max
     w = gs.alpha2_over_density.numpy()
@@ -56,13 +57,7 @@ def test_weighted_gammas_integrate_alpha2_times_any_function(schedule, importanc
 def test_importance_sampled_gammas_have_density_alpha2_over_z(schedule):
     """The histogram of IS gammas matches alpha^2/Z, both integrated by quadrature."""
     n = 200_000
-    gs = sample_gamma(
-        schedule,
-        n,
-        importance_sampling=True,
-        antithetic=False,
-        generator=torch.Generator().manual_seed(0),
-    )
+    gs = _iid_gammas(schedule, n, importance_sampling=True)
     edges = np.linspace(schedule.gamma_min, schedule.gamma_max, 11)
     mass = np.array([_alpha2_integral(schedule, np.ones_like, a, b) for a, b in pairwise(edges)])
     counts, _ = np.histogram(gs.gamma.double().numpy(), bins=edges)
