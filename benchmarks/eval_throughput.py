@@ -48,10 +48,12 @@ import torch
 from torch import Tensor
 
 import idode
+from idode.augmented import augmented_field, eval_mode, gaussian_log_prob
+from idode.augmented import hutchinson_probes as _probes
 from idode.continuous import bpd_columns
 from idode.dequantization import dequantize
-from idode.likelihood import _probes, augmented_field, eval_mode, gaussian_log_prob
-from idode.nets import count_parameters, first_order_input_gradients
+from idode.divergence import first_order_input_gradients
+from idode.nets import count_parameters
 from idode.rng import example_generators
 from idode.solvers import nfe_of_steps
 
@@ -79,7 +81,8 @@ def digits_fixture(n: int, steps: int = 1500) -> Fixture:
     from idode.data import load_dataset
 
     if not (DIGITS_RUN / "checkpoint").exists():
-        from idode.config import apply_overrides, get_preset
+        from idode.config import apply_overrides
+        from idode.presets import get_preset
         from idode.train import train
 
         print(f"training the digits model ({steps} steps) into {DIGITS_RUN} ...", file=sys.stderr)

@@ -64,10 +64,10 @@ from torch import Tensor
 
 import idode
 import idode.likelihood as idode_likelihood
+from idode.augmented import gaussian_log_prob
 from idode.dequantization import bits_per_dim_from_nats
-from idode.divergence import hutchinson_divergence, sample_probes
-from idode.likelihood import gaussian_log_prob
-from idode.nets import ScoreUNet, count_parameters, first_order_input_gradients
+from idode.divergence import first_order_input_gradients, hutchinson_divergence, sample_probes
+from idode.nets import ScoreUNet, count_parameters
 from idode.nets.unet import lecun_normal_
 
 PATHS: tuple[str, ...] = ("idode", "scipy", "torchdiffeq")

@@ -32,18 +32,15 @@ from idode.config import ConfigError
 from idode.data import load_dataset
 from idode.validation import DatasetError
 
-# a tiny training run (about 3 s) for the rows that need a checkpoint
+# the settings of a tiny training run, for the rows that train
 TINY = ["--set", "model.n_embd=8", "--set", "model.n_layers=1", "--set", "train.batch_size=16"]
 TINY += ["--set", "data.eval_examples=8", "--set", "data.ode_eval_examples=4"]
 TINY += ["--set", "train.eval_every=0", "--set", "train.ode_eval_every=0", "--no-progress"]
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("bad_inputs") / "run"
-    argv = ["train", "--config", "digits_cpu", "--set", "train.steps=2", *TINY, "--out", str(out)]
-    assert main(argv) == 0
-    return out
+def run(trained_run: Path) -> Path:
+    return trained_run  # conftest's shared run: read only (rows that write use {copy})
 
 
 def run_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
@@ -178,6 +175,7 @@ ROWS: dict[str, Row] = {
     "sample --out in a file": Row(
         "sample --checkpoint x --out {file}/samples", r"is a file, not a folder: choose another"
     ),
+    "ablate without --out": Row("ablate --quick", r"one of the arguments --out --render is requi"),
     "ablate --steps -1": Row("ablate --out {tmp}/a --steps -1", r"--steps: must be a positive"),
     "ablate --out file": Row("ablate --out {file}", r"--out: .* is an existing file"),
     "demo --steps 0": Row("demo --out {tmp}/d --steps 0", r"--steps: must be a positive integer"),

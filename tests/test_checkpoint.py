@@ -23,8 +23,9 @@ from idode.checkpoint import (
     remove_partial_writes,
     save_checkpoint,
 )
-from idode.config import apply_overrides, get_preset
+from idode.config import apply_overrides
 from idode.likelihood import bits_per_dim
+from idode.presets import get_preset
 
 DATA = Path(__file__).parent / "data"
 SHAPE, LEVELS = (1, 8, 8), 17

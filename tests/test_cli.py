@@ -1,6 +1,7 @@
 """Each subcommand end to end on tiny settings, through the same entry point users call."""
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -9,22 +10,6 @@ import pytest
 
 from idode.cli import main
 
-TINY = [
-    "--set",
-    "train.steps=6",
-    "--set",
-    "train.checkpoint_every=3",
-    "--set",
-    "train.eval_every=3",
-    "--set",
-    "model.n_embd=8",
-    "--set",
-    "model.n_layers=1",
-    "--set",
-    "train.batch_size=16",
-    "--set",
-    "data.eval_examples=16",
-]
 FAST_EVAL = [
     "--max-examples",
     "6",
@@ -39,10 +24,9 @@ FAST_EVAL = [
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("cli") / "run"
-    assert main(["train", "--config", "digits_cpu", *TINY, "--out", str(out), "--no-progress"]) == 0
-    return out
+def run(trained_run, tmp_path_factory):
+    """A copy of conftest's shared run (trained by ``idode train``), for tests that resume it."""
+    return shutil.copytree(trained_run, tmp_path_factory.mktemp("cli") / "run", symlinks=True)
 
 
 def test_train_writes_a_run(run):
@@ -75,10 +59,10 @@ def test_train_refuses_to_overwrite_and_resumes(run, capsys):
     assert main(["train", "--config", "digits_cpu", "--out", str(run)]) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert (
-        main(["train", "--out", str(run), "--resume", "--set", "train.steps=8", "--no-progress"])
+        main(["train", "--out", str(run), "--resume", "--set", "train.steps=22", "--no-progress"])
         == 0
     )
-    assert "checkpoints/step_00000008" in capsys.readouterr().out
+    assert "checkpoints/step_00000022" in capsys.readouterr().out
 
 
 def test_finetune_eval_sample(run, tmp_path, capsys):

@@ -16,8 +16,9 @@ import pytest
 
 from idode.cli import main
 from idode.compare import CompareError, compare, default_compare_dir
-from idode.config import apply_overrides, get_preset
+from idode.config import apply_overrides
 from idode.evaluate import evaluate
+from idode.presets import get_preset
 from idode.stats import Z95
 from idode.train import train
 

@@ -5,14 +5,13 @@ import torch
 
 from idode.checkpoint import build_model
 from idode.config import (
-    PRESETS,
     ConfigError,
     apply_overrides,
     config_from_dict,
     config_to_dict,
-    get_preset,
 )
 from idode.nets import count_parameters
+from idode.presets import PRESETS, get_preset
 
 
 @pytest.mark.parametrize("name", list(PRESETS))
@@ -134,3 +133,26 @@ def test_config_from_a_file_with_a_bad_value_is_refused():
     d["eval"]["rtol"] = "1e-5"  # a string where a float belongs
     with pytest.raises(ConfigError, match="eval.rtol='1e-5' must be of type float"):
         config_from_dict(d)
+
+
+def test_renamed_keys_of_older_config_files_still_load():
+    d = config_to_dict(get_preset("digits_cpu"))
+    assert "checkpoint" not in d["model"] and d["model"]["activation_checkpointing"] is False
+    del d["model"]["activation_checkpointing"]
+    d["model"]["checkpoint"] = True  # as a 0.1.0 config.json names it
+    assert config_from_dict(d).model.activation_checkpointing is True
+    d["model"]["activation_checkpointing"] = False  # both names: which one is meant?
+    with pytest.raises(ConfigError, match="both 'checkpoint' and its new name"):
+        config_from_dict(d)
+    cfg = apply_overrides(get_preset("digits_cpu"), ["model.checkpoint=true"])
+    assert cfg.model.activation_checkpointing is True
+
+
+def test_the_format_1_checkpoint_fixture_config_loads_under_the_new_name():
+    import json
+    from pathlib import Path
+
+    meta = json.loads((Path(__file__).parent / "data/checkpoint_v1/meta.json").read_text())
+    assert "checkpoint" in meta["config"]["model"]  # written before the rename
+    cfg = config_from_dict(meta["config"])
+    assert cfg.model.activation_checkpointing is meta["config"]["model"]["checkpoint"]

@@ -16,10 +16,11 @@ import torch
 
 import idode
 from idode.cli import main as cli_main
-from idode.config import apply_overrides, get_preset
+from idode.config import apply_overrides
 from idode.convert import ConversionError, FlaxMsgpackError, convert_checkpoint
 from idode.convert.flax_msgpack import flatten_tree, read_flax_msgpack, write_flax_msgpack
 from idode.nets.embedding import gamma_embedding
+from idode.presets import get_preset
 
 # (in_channels, n_embd, n_layers, with_attention, fourier_features, conditioning)
 CONFIGS = [

@@ -39,7 +39,8 @@ WORKER = textwrap.dedent(
     import json, sys
     import torch
     torch.set_num_threads(1)
-    from idode.config import apply_overrides, get_preset
+    from idode.config import apply_overrides
+    from idode.presets import get_preset
     from idode.evaluate import evaluate
     from idode.train import train
 

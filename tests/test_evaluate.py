@@ -8,8 +8,9 @@ from scipy.stats import norm
 
 from idode import evaluate as evaluate_module
 from idode.checkpoint import CheckpointError, find_checkpoint
-from idode.config import ConfigError, apply_overrides, get_preset
+from idode.config import ConfigError, apply_overrides
 from idode.evaluate import EvalSettingsError, evaluate, read_per_example
+from idode.presets import get_preset
 from idode.train import train
 
 TINY = [
@@ -26,10 +27,8 @@ COLUMNS = ("bpd", "bpd_mean_of_bounds", "bpd_importance_weighted", "elbo_bpd")
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    run = tmp_path_factory.mktemp("evaluate") / "run"
-    train(apply_overrides(get_preset("digits_cpu"), TINY), run, progress=False)
-    return run
+def ckpt(trained_run):
+    return trained_run  # conftest's shared run (20 steps): read only
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,11 @@ import pytest
 from PIL import Image
 
 from idode.cli import main
-from idode.config import apply_overrides, get_preset
+from idode.config import apply_overrides
 from idode.data import load_dataset, parse_subset, select_examples
 from idode.evalexports import CSV_FILE, HISTOGRAMS, export_examples, read_csv
 from idode.evaluate import evaluate
+from idode.presets import get_preset
 from idode.train import train
 from idode.validation import DatasetError, InputError
 

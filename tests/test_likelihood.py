@@ -235,8 +235,32 @@ def test_elbo_of_the_exact_model_is_close_to_the_entropy(schedule):
     torch.testing.assert_close(
         out.bpd, (out.reconstruction + out.prior_kl + out.diffusion) / (2 * math.log(2))
     )
-    unit = idode.elbo(model, x[:10], 4, prior="unit", generator=gen)
-    assert unit.prior_kl.shape == (10,)
+
+
+# alpha_1, sigma_1 at gamma_max written out from method.md §1.2-1.3, independently of schedules
+ALPHA_SIGMA = {
+    "VP": lambda g: (math.sqrt(1 / (1 + math.exp(g))), math.sqrt(1 / (1 + math.exp(-g)))),
+    "SP": lambda g: (1 / (1 + math.exp(g / 2)), 1 / (1 + math.exp(-g / 2))),
+}
+
+
+def test_elbo_unit_prior_is_the_kl_to_a_standard_normal(schedule):
+    """prior="unit": KL(N(alpha_1 x, sigma_1^2 I) || N(0, I)) by torch.distributions, and the
+    rest of the bound unchanged (the same draws give the same reconstruction and diffusion)."""
+    model, _ = _discrete_model(schedule)
+    x = torch.multinomial(PROBS, 2 * 10, replacement=True).reshape(10, 2)
+    unit = idode.elbo(model, x, 4, prior="unit", generator=torch.Generator().manual_seed(5))
+    wide = idode.elbo(model, x, 4, generator=torch.Generator().manual_seed(5))
+    alpha1, sigma1 = ALPHA_SIGMA[schedule.name](schedule.gamma_max)
+    centers = (2 * x.double() + 1) / 4 - 1  # c(k) = (2k + 1)/L - 1
+    q = torch.distributions.Normal(alpha1 * centers, sigma1)
+    kl = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, 1.0)).sum(1)
+    torch.testing.assert_close(unit.prior_kl, kl, rtol=1e-6, atol=1e-9)
+    kl_wide = torch.distributions.kl_divergence(q, torch.distributions.Normal(0.0, sigma1)).sum(1)
+    torch.testing.assert_close(wide.prior_kl, kl_wide, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(unit.reconstruction, wide.reconstruction)
+    torch.testing.assert_close(unit.diffusion, wide.diffusion)
+    torch.testing.assert_close(unit.bpd - wide.bpd, (kl - kl_wide) / (2 * math.log(2)))
 
 
 def test_sampling_reproduces_the_discrete_distribution(schedule):

@@ -6,16 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-import idode.data
 from idode.data import ImageDataset
-from idode.loader import ImageLoader, augment_batch, make_loader
-
-
-def test_loader_names_stay_importable_from_data() -> None:
-    assert idode.data.ImageLoader is ImageLoader and idode.data.make_loader is make_loader
-    assert idode.data.augment_batch is augment_batch
-    assert not hasattr(ImageLoader, "set_epoch")  # removed: nothing read it (issue 7)
-
+from idode.loader import augment_batch, make_loader
 
 # --------------------------------------------------------------------------------------------------
 # Augmentation

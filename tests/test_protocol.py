@@ -13,7 +13,8 @@ from problems import DiscreteOptimalNet
 
 import idode
 from idode.cli.parser import build_parser
-from idode.config import ConfigError, EvalConfig, apply_overrides, config_from_dict, get_preset
+from idode.config import ConfigError, EvalConfig, apply_overrides, config_from_dict
+from idode.presets import get_preset
 from idode.protocol import Protocol, settings_schema
 from idode.validation import InputError
 

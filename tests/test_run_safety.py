@@ -18,12 +18,13 @@ import torch
 from idode import train as train_module
 from idode.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, save_checkpoint
 from idode.cli import main
-from idode.config import apply_overrides, get_preset
+from idode.config import apply_overrides
 from idode.evaluate import evaluate
+from idode.presets import get_preset
 from idode.rundir import read_jsonl
 from idode.runguard import RunFolderError
-from idode.sampling import sample_to_files
 from idode.train import TrainingStopped, train
+from idode.write_samples import sample_to_files
 
 SRC = Path(__file__).resolve().parent.parent / "src"
 TINY = [
@@ -286,9 +287,8 @@ def test_resume_with_a_changed_model_is_one_line(tmp_path):
     assert "model.mlp_hidden (checkpoint 16, now 24)" in msg
 
 
-def test_finetune_on_another_dataset_is_one_line(tmp_path):
-    src = tmp_path / "src"
-    train(_cfg("train.steps=2", "train.checkpoint_every=2"), src, progress=False)
+def test_finetune_on_another_dataset_is_one_line(trained_run, tmp_path):
+    src = trained_run  # conftest's shared digits run: refused before anything is written
     rng = np.random.default_rng(0)
     npz = tmp_path / "other.npz"
     np.savez(npz, train=rng.integers(0, 256, (32, 8, 8), np.uint8),
@@ -342,11 +342,10 @@ def test_relative_data_path_is_stored_absolute_and_eval_names_data_root(tmp_path
     assert res["bpd"]["n"] == 2
 
 
-def test_eval_out_naming_a_file_is_refused_and_the_file_kept(tmp_path):
+def test_eval_out_naming_a_file_is_refused_and_the_file_kept(trained_run, tmp_path):
     from idode.evaluate import EvalSettingsError
 
-    run = tmp_path / "run"
-    train(_cfg("train.steps=1"), run, progress=False)
+    run = trained_run  # conftest's shared run: refused before anything is written
     note = tmp_path / "notes.txt"
     note.write_text("mine")
     with pytest.raises(EvalSettingsError, match=r"notes.txt is a file; name a directory"):

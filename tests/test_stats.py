@@ -28,11 +28,21 @@ def test_summarize_matches_statistics_and_scipy():
     assert s.halfwidth == pytest.approx((hi - lo) / 2, rel=1e-12)
 
 
-def test_summarize_is_exact_where_naive_sums_cancel():
-    # a large offset with small spread: a naive mean/variance loses digits, fsum does not
-    x = 1e8 + np.array([0.1, 0.2, 0.3, 0.4])
+def test_summarize_is_exact_where_the_naive_two_pass_computation_is_not():
+    # a large offset and a spread of a few ulps: 1e15 + k / 8 (exact in float64). The naive two
+    # passes (np.mean, then the squared deviations) lose digits in the mean's sum and, since the
+    # mean is not representable there, add n delta^2 to the squares; the reference is exact
+    # rational arithmetic (statistics.mean / stdev work in fractions).
+    k = np.random.default_rng(0).integers(0, 8, 1000)
+    x = 1e15 + 0.125 * k
+    assert np.array_equal(x - 1e15, 0.125 * k)
+    exact_mean, exact_std = statistics.mean(x.tolist()), statistics.stdev(x.tolist())
+    naive_mean = np.mean(x)
+    naive_std = math.sqrt(np.sum((x - naive_mean) ** 2) / (len(x) - 1))
+    assert abs(naive_std - exact_std) > 0.05 * exact_std  # what this test rules out
     s = stats.summarize(x)
-    assert s.std == pytest.approx(statistics.stdev([0.1, 0.2, 0.3, 0.4]), rel=1e-6)
+    assert s.std == pytest.approx(exact_std, rel=1e-14)
+    assert abs(s.mean - exact_mean) <= np.spacing(exact_mean)  # one rounding of the exact sum / n
 
 
 def test_one_value_reports_the_value_and_no_interval():

@@ -6,7 +6,8 @@ import torch
 
 from idode import train as train_module
 from idode.checkpoint import CheckpointError, find_checkpoint, load_checkpoint, load_model
-from idode.config import apply_overrides, get_preset
+from idode.config import apply_overrides
+from idode.presets import get_preset
 from idode.train import TrainingDiverged, finetune_config, learning_rate, make_optimizer, train
 
 TINY = [

@@ -9,7 +9,6 @@ import pytest
 import torch
 
 import idode
-from idode import dequantization, losses, parameterization, validation
 from idode.validation import (
     DatasetError,
     InputError,
@@ -22,10 +21,7 @@ from idode.validation import (
 )
 
 
-def test_one_home_old_names_still_importable() -> None:
-    assert parameterization.check_choice is validation.check_choice
-    assert losses.check_model_input is validation.check_model_input
-    assert dequantization.check_integer_data is validation.check_integer_data
+def test_input_errors_are_value_errors() -> None:
     assert issubclass(DatasetError, InputError) and issubclass(InputError, ValueError)
 
 

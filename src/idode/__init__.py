@@ -33,9 +33,9 @@ from idode.likelihood import (
     log_likelihood,
 )
 from idode.losses import LossTerms, diffusion_loss, diffusion_loss_terms
+from idode.ode_sampling import SampleResult, ode_sample, sample
 from idode.parameterization import PARAMETERIZATIONS, DiffusionODE
 from idode.protocol import Protocol
-from idode.sampler import SampleResult, ode_sample, sample
 from idode.schedules import Schedule, SPSchedule, VPSchedule, make_schedule
 
 __version__ = "0.1.0"

@@ -1,9 +1,9 @@
-"""Typed run configuration: frozen dataclasses, one comment per knob, and the presets.
+"""Typed run configuration: frozen dataclasses, one comment per knob.
 
 A ``Config`` is saved as JSON into every run directory and every checkpoint; ``--set key=value``
 overrides any field by its dotted path (``train.steps=2000``), with the value parsed to the
-field's type. Presets reproduce the official hyperparameters (method.md §8.2) and add small CPU
-variants.
+field's type. The named configs (the official hyperparameters, method.md §8.2, and small CPU
+variants) are in ``idode.presets``.
 """
 
 from __future__ import annotations
@@ -15,12 +15,17 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
-from idode.data import DatasetName, ImageNetVersion, Split
-from idode.divergence import ProbeKind
-from idode.nets import NetKind
-from idode.parameterization import Parameterization
+from idode.choices import (
+    DatasetName,
+    ImageNetVersion,
+    NetKind,
+    Parameterization,
+    Precision,
+    ProbeKind,
+    ScheduleName,
+    Split,
+)
 from idode.protocol import Protocol
-from idode.schedules import ScheduleName
 from idode.validation import InputError, check_choice, check_device
 
 __all__ = [
@@ -39,9 +44,6 @@ __all__ = [
 
 class ConfigError(InputError):
     """A bad config value, an unknown key or an unknown preset."""
-
-
-Precision = Literal["fp32", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,8 @@ class ModelConfig:
     fourier_features: bool = True  # UNet input Fourier features sin/cos(2^f 2 pi z)
     fourier_levels: int | None = None  # f = log2(L/4), log2(L/2) for L levels (256: VDM's 6, 7);
     #                                    None: L = the dataset's number of grey levels
-    checkpoint: bool = False  # UNet activation checkpointing (saves memory, costs compute)
+    activation_checkpointing: bool = False  # UNet: recompute activations in backward (less
+    #                                           memory, more compute); not saved checkpoints
     mlp_hidden: int = 256  # MLP hidden width
     mlp_depth: int = 3  # MLP hidden layers
     schedule: ScheduleName = "VP"  # noise schedule: VP | SP
@@ -183,7 +186,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
 
 
 def _check_section(section: str, obj: Any) -> None:
-    """Type and Literal choice of each field (the choice lists are the math modules' Literals)."""
+    """Type and Literal choice of each field (the choice lists are idode.choices' Literals)."""
     for name, hint in typing.get_type_hints(type(obj)).items():
         key, value = f"{section}.{name}", getattr(obj, name)
         args = typing.get_args(hint)
@@ -249,8 +252,31 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# keys renamed since config.json files were first written (old -> new): old files still load,
+# and --set accepts the old name
+RENAMED_KEYS = {"model.checkpoint": "model.activation_checkpointing"}
+
+
+def _renamed(section: str, values: dict) -> dict:
+    """A section's dict with the keys of RENAMED_KEYS under their new names."""
+    out = dict(values)
+    for old, new in RENAMED_KEYS.items():
+        (sec, a), (_, b) = old.split("."), new.split(".")
+        if sec == section and a in out:
+            if b in out:
+                raise ConfigError(
+                    f"config section {section!r} has both {a!r} and its new name "
+                    f"{b!r}; keep only {b!r}"
+                )
+            out[b] = out.pop(a)
+    return out
+
+
 def config_from_dict(d: dict) -> Config:
-    """Rebuild a Config from its dict, refusing unknown keys (a typo must not pass silently)."""
+    """Rebuild a Config from its dict, refusing unknown keys (a typo must not pass silently).
+
+    Keys of older files are read under their new names (``RENAMED_KEYS``).
+    """
     if not isinstance(d, dict):
         raise ConfigError(f"a config must be a JSON object, got {type(d).__name__}")
     kwargs: dict[str, Any] = {}
@@ -262,6 +288,9 @@ def config_from_dict(d: dict) -> Config:
         if sub is None:
             kwargs[key] = value
             continue
+        if not isinstance(value, dict):
+            raise ConfigError(f"config section {key!r} must be a JSON object, got {value!r}")
+        value = _renamed(key, value)
         valid = {f.name for f in fields(sub)}
         unknown = set(value) - valid
         if unknown:
@@ -317,7 +346,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r} (e.g. train.steps=1000)")
         key, raw = item.split("=", 1)
-        key = key.strip()
+        key = RENAMED_KEYS.get(key.strip(), key.strip())
         if "." not in key:
             raise ConfigError(
                 f"--set key {key!r} needs a section: one of {', '.join(sections)} "
@@ -350,12 +379,3 @@ def config_differences(saved: Config, now: Config, sections=("model", "data")) -
 
 def dumps(cfg: Config) -> str:
     return json.dumps(config_to_dict(cfg), indent=2, sort_keys=False)
-
-
-def __getattr__(name: str) -> Any:
-    # the presets live in idode.presets (built from this module's dataclasses); keep the old names
-    if name in ("PRESETS", "get_preset"):
-        from idode import presets
-
-        return getattr(presets, name)
-    raise AttributeError(f"module 'idode.config' has no attribute {name!r}")

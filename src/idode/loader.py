@@ -8,15 +8,13 @@ that a resumed run sees exactly the batches of an uninterrupted one.
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 
+from idode.data import ImageDataset
 from idode.validation import InputError
-
-if TYPE_CHECKING:
-    from idode.data import ImageDataset
 
 __all__ = ["ImageLoader", "augment_batch", "make_loader"]
 

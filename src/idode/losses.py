@@ -23,7 +23,7 @@ from idode.divergence import PROBE_KINDS, ProbeKind, hutchinson_divergence, samp
 from idode.parameterization import DiffusionODE, expand
 from idode.rng import Generators
 from idode.time_sampling import sample_gamma
-from idode.validation import check_choice, check_model_input  # re-exported from here too
+from idode.validation import check_choice, check_model_input
 
 __all__ = ["LossTerms", "diffusion_loss", "diffusion_loss_terms", "weight_over_alpha2"]
 

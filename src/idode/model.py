@@ -39,7 +39,7 @@ def build_model(cfg: Config, data_shape: tuple[int, ...], num_levels: int = 256)
             with_attention=m.with_attention,
             with_fourier_features=m.fourier_features,
             fourier_freqs=fourier_freqs(m.fourier_levels or num_levels),
-            checkpoint=m.checkpoint,
+            checkpoint=m.activation_checkpointing,
             min_group_size=m.min_group_size,
             **common,
         )

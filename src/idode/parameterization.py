@@ -16,18 +16,16 @@ evaluate (no cancellation between the two terms of E1).
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
+from idode.choices import PARAMETERIZATIONS, Parameterization
 from idode.schedules import Schedule
-from idode.validation import check_choice  # re-exported: its home moved to validation
+from idode.validation import check_choice
 
-__all__ = ["Parameterization", "PARAMETERIZATIONS", "DiffusionODE", "check_choice", "expand"]
+__all__ = ["Parameterization", "PARAMETERIZATIONS", "DiffusionODE", "expand"]
 
-Parameterization = Literal["eps", "x0", "velocity"]
-PARAMETERIZATIONS: tuple[str, ...] = get_args(Parameterization)
 Net = Callable[[Tensor, Tensor], Tensor]
 
 

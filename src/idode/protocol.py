@@ -35,10 +35,17 @@ from typing import Any, Literal, get_args
 import torch
 from torch import Tensor
 
-from idode.dequantization import UNIFORM_GAMMA_START, Dequantization, dequantization_bounds
-from idode.divergence import Divergence
+from idode.choices import (
+    ELBO_PRIORS,
+    TOLERANCES,
+    Dequantization,
+    Divergence,
+    ElboPrior,
+    SolverMethod,
+    Tolerance,
+)
+from idode.dequantization import UNIFORM_GAMMA_START, dequantization_bounds
 from idode.rng import example_generators
-from idode.solvers import SolverMethod
 from idode.validation import InputError, check_choice
 
 __all__ = [
@@ -57,15 +64,11 @@ __all__ = [
 # rtol/atol and the log-density l gets its own test |err_l| <= logp_atol + rtol |l| (nats), so the
 # number users read is controlled whatever d is. "paper": one RMS over all d + 1 components, as
 # the official code and torchode (l then weighs 1/(d + 1)); for comparisons with published numbers.
-Tolerance = Literal["logp", "paper"]
-TOLERANCES: tuple[str, ...] = get_args(Tolerance)
+# (Tolerance and the other option lists live in idode.choices)
 # default logp_atol per image = LOGP_ATOL_BPD * d ln 2 nats, a local-error budget in bits/dim.
 # benchmarks/results/work_precision_digits_cpu.md: 1e-5 costs 10-40 % more NFE and gains little,
 # because the image part's trajectory error, not l's local error, dominates |dbpd| there.
 LOGP_ATOL_BPD = 1e-4
-# the SDE bound's prior: N(0, sigma_max^2 I) as the ODE's, or N(0, I) as the official code
-ElboPrior = Literal["sigma_max", "unit"]
-ELBO_PRIORS: tuple[str, ...] = get_args(ElboPrior)
 
 _POSITIVE, _NON_NEGATIVE = "positive", "non_negative"
 

@@ -1,24 +1,28 @@
-"""Files of a run folder: atomic JSON, append-only JSON lines, the metrics log (write and read).
+"""Files of a run folder: atomic text, JSON, arrays and figures, append-only JSON lines, the
+metrics log (write and read).
 
 Every result file idode writes goes through here, so every one is either complete or absent:
-JSON is written to a hidden temporary file, fsynced and renamed over the target; JSON lines are
-appended and fsynced, and a line cut by a kill is dropped on the next read or append.
+it is written to a hidden temporary file, fsynced and renamed over the target (``atomic_path``
+for writers that take a file name: np.savez, savefig); JSON lines are appended and fsynced, and
+a line cut by a kill is dropped on the next read or append.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "MetricsLog",
     "append_jsonl",
+    "atomic_path",
     "jsonable",
     "read_json",
     "read_jsonl",
@@ -28,6 +32,7 @@ __all__ = [
     "write_figure_atomic",
     "write_json_atomic",
     "write_jsonl_atomic",
+    "write_text_atomic",
 ]
 
 
@@ -60,23 +65,36 @@ def _fsync_replace(tmp: Path, path: Path) -> None:
         os.close(fd)
 
 
-def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
-    """data -> path, complete or not at all: a hidden temporary file, fsync, rename."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A hidden temporary path beside ``path``, with its suffix, for writers that take a file name
+    (``np.savez``, ``Figure.savefig``): on success it is fsynced and renamed over ``path``, so
+    ``path`` is complete or untouched; on an error it is removed."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
     try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         _fsync_replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> Path:
+    """text -> path, complete or not at all: a hidden temporary file, fsync, rename."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
     return path
 
 
-def _write_text_atomic(path: Path, text: str) -> Path:
-    return write_bytes_atomic(path, text.encode())
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """data -> path, complete or not at all: a hidden temporary file, fsync, rename."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return path
 
 
 def write_figure_atomic(path: str | os.PathLike, fig: Any, **savefig: Any) -> Path:
@@ -95,7 +113,7 @@ def write_json_atomic(
     """
     path = Path(path)
     text = json.dumps(jsonable(obj), indent=indent, allow_nan=allow_nan) + "\n"
-    return _write_text_atomic(path, text)
+    return write_text_atomic(path, text)
 
 
 def read_json(path: str | os.PathLike) -> Any:
@@ -137,7 +155,7 @@ def append_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Non
 def write_jsonl_atomic(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> Path:
     """Replace a JSON-lines file by ``rows``: complete or not at all (temporary file, rename)."""
     path = Path(path)
-    return _write_text_atomic(path, "".join(json.dumps(jsonable(r)) + "\n" for r in rows))
+    return write_text_atomic(path, "".join(json.dumps(jsonable(r)) + "\n" for r in rows))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:

@@ -37,8 +37,10 @@ __all__ = [
     "trim_metrics",
 ]
 
-# what a run leaves in its folder (evals/ and samples/ are results: never touched here)
-RUN_FILES = ("checkpoints", "checkpoint", "metrics.jsonl", "tb", "config.json")
+# what a run leaves in its folder (evals/ and samples/ are results: never touched here); the one
+# list that earlier_run looks for and --overwrite deletes
+RUN_FILES = ("checkpoints", "checkpoint", MetricsLog.FILE, "tb", "config.json")
+_LINK_TMP = ".checkpoint.tmp"  # the checkpoint writer's "checkpoint" link before its rename
 
 
 class RunFolderError(ConfigError):
@@ -48,11 +50,12 @@ class RunFolderError(ConfigError):
 def earlier_run(run_dir: Path) -> list[str]:
     """The names of an earlier run's files in ``run_dir`` (config.json alone does not count)."""
     found = []
-    if step_folders(run_dir):
-        found.append("checkpoints/")
-    for name in ("checkpoint", "metrics.jsonl", "tb"):
+    for name in RUN_FILES:
         p = run_dir / name
-        if p.is_symlink() or p.exists():
+        if name == "checkpoints":  # only the writer's step folders count
+            if step_folders(run_dir):
+                found.append("checkpoints/")
+        elif name != "config.json" and (p.is_symlink() or p.exists()):
             found.append(name + ("/" if p.is_dir() and not p.is_symlink() else ""))
     return found
 
@@ -72,12 +75,12 @@ def _clear(run_dir: Path) -> None:
         shutil.rmtree(p)
     with contextlib.suppress(OSError):
         (run_dir / "checkpoints").rmdir()  # only if now empty
-    for name in ("checkpoint", ".checkpoint.tmp", "metrics.jsonl", "config.json"):
+    for name in (*RUN_FILES, _LINK_TMP):
         p = run_dir / name
         if p.is_symlink() or p.is_file():
             p.unlink()
-    if (run_dir / "tb").is_dir():
-        shutil.rmtree(run_dir / "tb")
+        elif name == "tb" and p.is_dir():  # TensorBoard's own folder
+            shutil.rmtree(p)
 
 
 def prepare_run_dir(

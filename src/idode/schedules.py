@@ -14,11 +14,12 @@ Each schedule also owns the two schedule-specific pieces of the i-DODE method:
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from idode.choices import ScheduleName
 
 __all__ = ["Schedule", "VPSchedule", "SPSchedule", "make_schedule"]
 
@@ -223,7 +224,6 @@ class SPSchedule(Schedule):
         return (0.5 * (lo + hi)).to(dtype)
 
 
-ScheduleName = Literal["VP", "SP"]
 SCHEDULES: dict[str, type[Schedule]] = {"VP": VPSchedule, "SP": SPSchedule}
 
 

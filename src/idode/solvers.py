@@ -24,10 +24,11 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal, get_args
 
 import torch
 from torch import Tensor
+
+from idode.choices import SOLVER_METHODS, SolverMethod
 
 __all__ = [
     "SOLVER_METHODS",
@@ -43,8 +44,6 @@ __all__ = [
 
 VectorField = Callable[..., Tensor]
 # the embedded Runge-Kutta pairs a solve can use (``Protocol.method``); a new pair adds its name
-SolverMethod = Literal["dopri5"]
-SOLVER_METHODS: tuple[str, ...] = get_args(SolverMethod)
 
 # Dormand-Prince 5(4) tableau (as torchode / scipy RK45): nodes, stages, 5th-order weights, error.
 _C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)

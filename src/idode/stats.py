@@ -77,7 +77,11 @@ def summarize(values: Sequence[float] | np.ndarray) -> Summary:
     mean = math.fsum(x) / n
     if n < 2:
         return Summary(mean=mean, stderr=None, ci95=None, std=None, n=n)
-    std = math.sqrt(math.fsum((x - mean) ** 2) / (n - 1))
+    # corrected two-pass: the mean of values far from 0 may not be representable, and its rounding
+    # error delta adds n delta^2 to sum (x - mean)^2; (sum d)^2 / n takes it out again (the
+    # deviations d are exact, Sterbenz, and both sums exactly rounded)
+    d = x - mean
+    std = math.sqrt(max(math.fsum(d * d) - math.fsum(d) ** 2 / n, 0.0) / (n - 1))
     se = std / math.sqrt(n)
     return Summary(mean=mean, stderr=se, ci95=(mean - Z95 * se, mean + Z95 * se), std=std, n=n)
 

@@ -37,18 +37,19 @@ from idode.checkpoint import (
     save_checkpoint,
 )
 from idode.config import Config, ConfigError, config_differences, dumps
-from idode.data import augment_batch, dataset_from_config, held_out_subset, make_loader
+from idode.data import dataset_from_config, held_out_subset
 from idode.dequantization import bin_centers, nats_to_bits_per_dim
-from idode.distributed import DistEnv, all_gather, broadcast, dist_env, progress_bar, setup
+from idode.distributed import DistEnv, all_gather, broadcast, progress_bar, setup
 from idode.likelihood import elbo
+from idode.loader import augment_batch, make_loader
 from idode.losses import diffusion_loss_terms
 from idode.model import build_model
 from idode.parameterization import DiffusionODE
 from idode.rng import example_generators, stream_seed
-from idode.rundir import MetricsLog, jsonable
+from idode.rundir import MetricsLog, jsonable, write_text_atomic
 from idode.runguard import StopSignals, absolute_data_paths, prepare_run_dir, trim_metrics
 
-__all__ = ["TrainingDiverged", "TrainingStopped", "TrainResult", "train", "DistEnv", "dist_env"]
+__all__ = ["TrainingDiverged", "TrainingStopped", "TrainResult", "train"]
 
 
 class TrainingDiverged(RuntimeError):
@@ -457,7 +458,7 @@ def train(
     run, ck = _begin(cfg, Path(run_dir), resume, init_from, overwrite)
     t, env = cfg.train, run.env
     if env.is_main:
-        (run.run_dir / "config.json").write_text(dumps(cfg) + "\n")
+        write_text_atomic(run.run_dir / "config.json", dumps(cfg) + "\n")
     log = MetricsLog(run.run_dir, env.is_main, purge_step=ck.step + 1 if resume else None)
     bar = progress_bar(t.steps, "train", env=env, initial=run.step, enabled=progress)
     last: dict[str, float] = {}

@@ -16,10 +16,11 @@ from idode.experiments.ablate import (
     render_results_md,
     run_ablation,
 )
-from idode.experiments.ablate.collect import first_draw_bpd, ode_bpd, paired_stat, stat
+from idode.experiments.ablate.collect import first_draw_bpd, ode_bpd
 from idode.experiments.ablate.grid import FT1, FT2, finetune_run_config, run_config
 from idode.experiments.ablate.jobs import OdeOutcome, trace_cov
 from idode.experiments.ablate.report import _diff, _pm
+from idode.experiments.ablate.summary import paired_stat, stat
 from idode.stats import verdict
 
 
@@ -188,8 +189,11 @@ def test_render_docs(quick_run, tmp_path):
 
 
 def test_cli_needs_out_or_render(capsys):
-    with pytest.raises(SystemExit, match="--out DIR is required"):
+    with pytest.raises(SystemExit) as e:
         main(["ablate", "--quick"])
+    assert e.value.code == 2  # argparse's usage error, like every other missing argument
+    err = capsys.readouterr().err
+    assert err.startswith("idode: error: one of the arguments --out --render is required")
     with pytest.raises(SystemExit):
         main(["ablate", "--help"])
     usage = capsys.readouterr().out

@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 
 from idode.nets import MLP, NET_KINDS, ScoreUNet, count_parameters, make_net
+from idode.nets.attention import attention
 from idode.nets.embedding import gamma_embedding, normalized_gamma, timestep_embedding
-from idode.nets.unet import attention, lecun_normal_
+from idode.nets.unet import lecun_normal_
 
 GAMMA_MIN, GAMMA_MAX = -13.3, 5.0
 
@@ -336,8 +337,12 @@ def test_make_net():
 
 
 def test_first_order_input_gradients_uses_fused_attention_with_the_same_divergence():
-    from idode.divergence import exact_divergence, hutchinson_divergence, sample_probes
-    from idode.nets import first_order_input_gradients
+    from idode.divergence import (
+        exact_divergence,
+        first_order_input_gradients,
+        hutchinson_divergence,
+        sample_probes,
+    )
 
     torch.manual_seed(0)
     net = ScoreUNet(in_channels=1, n_embd=8, n_layers=1, with_attention=True, dropout=0.0)

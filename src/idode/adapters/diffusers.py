@@ -24,8 +24,9 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from idode.parameterization import DiffusionODE, check_choice
+from idode.parameterization import DiffusionODE
 from idode.schedules import VPSchedule
+from idode.validation import check_choice
 
 __all__ = [
     "PREDICTION_TYPES",

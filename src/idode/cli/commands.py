@@ -20,7 +20,8 @@ __all__ = [
 
 
 def _load_config(spec: str, overrides: list[str] | None):
-    from idode.config import PRESETS, ConfigError, apply_overrides, config_from_dict, get_preset
+    from idode.config import ConfigError, apply_overrides, config_from_dict
+    from idode.presets import PRESETS, get_preset
 
     if spec in PRESETS:
         cfg = get_preset(spec)
@@ -151,7 +152,7 @@ def _bpd_line(result: dict) -> str:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from idode.sampling import sample_to_files
+    from idode.write_samples import sample_to_files
 
     res = sample_to_files(
         args.checkpoint,
@@ -182,8 +183,6 @@ def cmd_ablate(args: argparse.Namespace) -> int:
         path = render_docs(args.render, args.docs or Path(args.render).parent)
         print(f"wrote {path}")
         return 0
-    if not args.out:
-        raise SystemExit("idode ablate: --out DIR is required (or --render RESULTS_JSON)")
     run_ablation(
         args.preset,
         args.out,

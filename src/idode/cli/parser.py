@@ -171,7 +171,7 @@ def _common(sp: argparse.ArgumentParser) -> None:
 
 
 def _add_train(sub) -> None:
-    from idode.config import PRESETS
+    from idode.presets import PRESETS
 
     t = sub.add_parser(
         "train",
@@ -217,7 +217,7 @@ def _add_finetune(sub) -> None:
 
 
 def _add_eval(sub) -> None:
-    from idode.data import DATASETS, SPLITS
+    from idode.choices import DATASETS, SPLITS
 
     e = sub.add_parser(
         "eval",
@@ -306,8 +306,13 @@ def _add_demo(sub) -> None:
     d.add_argument(
         "--out", type=OUT_DIR, default="runs/demo", help="run directory (default runs/demo)"
     )
+    from idode.experiments.demo import DEMO_QUICK_STEPS, DEMO_STEPS
+
     d.add_argument(
-        "--steps", type=POSITIVE_INT, default=None, help="training steps (default: preset)"
+        "--steps",
+        type=POSITIVE_INT,
+        default=None,
+        help=f"training steps (default {DEMO_STEPS}; {DEMO_QUICK_STEPS} with --quick)",
     )
     d.add_argument("--quick", action="store_true", help="a ~1 minute smoke version")
     _common(d)
@@ -320,9 +325,8 @@ def _add_ablate(sub) -> None:
         help="the paper's ablations at small scale, with a report (or --render one again)",
     )
     a.add_argument("--preset", default="digits", choices=["digits", "mnist"])
-    a.add_argument(
-        "--out", type=OUT_DIR, help="output folder of the run (required unless --render)"
-    )
+    what = a.add_mutually_exclusive_group(required=True)  # argparse's own usage error if neither
+    what.add_argument("--out", type=OUT_DIR, help="output folder of the run (or --render)")
     a.add_argument(
         "--steps", type=POSITIVE_INT, default=None, help="base training steps of every run"
     )
@@ -330,7 +334,7 @@ def _add_ablate(sub) -> None:
     a.add_argument(
         "--workers", type=POSITIVE_INT, default=None, help="processes (default min(2, cpus))"
     )
-    a.add_argument(
+    what.add_argument(
         "--render", metavar="RESULTS_JSON", help="only re-render figures and report from this file"
     )
     a.add_argument(
@@ -341,7 +345,7 @@ def _add_ablate(sub) -> None:
 
 
 def _add_convert(sub) -> None:
-    from idode.config import PRESETS
+    from idode.presets import PRESETS
 
     c = sub.add_parser("convert", help="an official i-DODE / VDM Flax checkpoint -> idode run dir")
     c.add_argument("ckpt", help="a clu ckpt-N.flax file, or a directory (its newest ckpt-*.flax)")

@@ -19,9 +19,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from idode.config import Config, get_preset
+from idode.config import Config
 from idode.convert.flax_msgpack import FlaxMsgpackError, flatten_tree, read_flax_msgpack
 from idode.convert.official import ConversionError, official_layout, official_to_state_dict
+from idode.presets import get_preset
 
 __all__ = [
     "ConversionError",

@@ -17,9 +17,10 @@ import torch
 
 from idode.stats import Z95
 
-__all__ = ["run_demo", "DEMO_STEPS"]
+__all__ = ["run_demo", "DEMO_STEPS", "DEMO_QUICK_STEPS"]
 
 DEMO_STEPS = 4000
+DEMO_QUICK_STEPS = 150  # --quick
 
 
 def _fmt(x: float, nd: int = 3) -> str:
@@ -34,16 +35,17 @@ def run_demo(
     progress: bool = True,
 ) -> Path:
     """Train, evaluate and report; returns the path of report.md."""
-    from idode.config import apply_overrides, get_preset
+    from idode.config import apply_overrides
     from idode.data import load_dataset
     from idode.evaluate import evaluate
-    from idode.rundir import write_json_atomic
-    from idode.sampling import sample_to_files, save_image_grid
+    from idode.presets import get_preset
+    from idode.rundir import write_json_atomic, write_text_atomic
     from idode.train import train
+    from idode.write_samples import sample_to_files, save_image_grid
 
     out = Path(out)
     t0 = time.time()
-    steps = steps or (150 if quick else DEMO_STEPS)
+    steps = steps or (DEMO_QUICK_STEPS if quick else DEMO_STEPS)
     overrides = [f"train.steps={steps}", f"train.checkpoint_every={steps}"]
     if quick:
         overrides += ["train.eval_every=50", "model.n_embd=16", "data.eval_examples=64"]
@@ -89,8 +91,7 @@ def run_demo(
 
     _figures(out, results)
     report = _report(cfg, results, samples, t_train, t_eval, time.time() - t0, quick, out)
-    path = out / "report.md"
-    path.write_text(report)
+    path = write_text_atomic(out / "report.md", report)
     write_json_atomic(
         out / "demo_results.json",
         {

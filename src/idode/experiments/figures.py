@@ -6,6 +6,8 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 
+from idode.rundir import atomic_path
+
 __all__ = ["new_figure", "plot_bars", "plot_learning_curves", "pyplot", "save_figure"]
 
 
@@ -28,7 +30,8 @@ def save_figure(fig, path: str | os.PathLike) -> Path:
     """Lay ``fig`` out, write it to ``path`` and close it."""
     fig.tight_layout()
     path = Path(path)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     pyplot().close(fig)
     return path
 

@@ -7,26 +7,20 @@ last layer (§2.5), so they are the identity at initialisation.
 
 from __future__ import annotations
 
-from typing import Literal, get_args
-
 from torch import nn
 
-from idode.divergence import first_order_input_gradients
+from idode.choices import NET_KINDS, NetKind
 from idode.nets.mlp import MLP
 from idode.nets.unet import ScoreUNet
 
 __all__ = [
     "MLP",
     "ScoreUNet",
-    "first_order_input_gradients",
     "NET_KINDS",
     "NetKind",
     "make_net",
     "count_parameters",
 ]
-
-NetKind = Literal["unet", "mlp"]
-NET_KINDS: tuple[str, ...] = get_args(NetKind)
 
 
 def make_net(kind: NetKind, shape: tuple[int, ...], **kwargs) -> nn.Module:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as _checkpoint
 
-from idode.divergence import first_order_input_gradients, first_order_only
+from idode.divergence import first_order_only
 from idode.nets.attention import attention
 from idode.nets.embedding import check_gamma_and_conditioning, gamma_embedding
 
@@ -31,8 +31,6 @@ __all__ = [
     "ResnetBlock",
     "AttnBlock",
     "lecun_normal_",
-    "attention",
-    "first_order_input_gradients",
 ]
 
 # std of a unit normal truncated to [-2, 2]; dividing by it makes the truncated variance exact

@@ -3,6 +3,7 @@
 - ``grid``: the training runs, the claims and the settings (``ablation_settings``);
 - ``jobs``: the job functions (train, finetune, ODE bounds, variance) and the plan of the grid;
 - ``scheduler``: a generic dependency-ordered job runner over worker processes;
+- ``summary``: results.json's summary of values and of paired differences (jobs and collect);
 - ``collect``: the finished jobs -> ``AblationResults`` (results.json) with paired intervals;
 - ``report`` and ``figures``: results.md and its figures, from results.json alone;
 - ``run``: ``run_ablation`` and ``render_docs`` (``idode ablate --render``).

@@ -20,20 +20,10 @@ from idode.experiments.ablate.jobs import (
     VarianceOutcome,
 )
 from idode.experiments.ablate.scheduler import Job, JobRecord
-from idode.stats import paired, summarize, verdict
+from idode.experiments.ablate.summary import paired_stat, stat
+from idode.stats import summarize, verdict
 
-__all__ = ["AblationResults", "Claim", "collect", "paired_stat", "stage_line", "stat"]
-
-
-def stat(values: Any) -> dict[str, Any]:
-    """results.json's summary of per-example values (``Summary.to_json``: mean, stderr, ci95,
-    std, n; stderr, ci95 and std are None for a single value)."""
-    return summarize(np.asarray(values, dtype=np.float64).ravel()).to_json()
-
-
-def paired_stat(a: Any, b: Any) -> dict[str, Any]:
-    """results.json's summary of the paired differences a - b [n], with the two means."""
-    return {**paired(a, b).to_json(), "a_mean": float(np.mean(a)), "b_mean": float(np.mean(b))}
+__all__ = ["AblationResults", "Claim", "collect", "stage_line"]
 
 
 def ode_bpd(m: OdeOutcome, draws: int | None = None, group: int | None = None):

@@ -226,7 +226,8 @@ def ablation_settings(
 
 def run_config(settings: AblationSettings, name: str) -> Config:
     """The training config of run ``name`` (a key of ``RUNS``)."""
-    from idode.config import apply_overrides, get_preset
+    from idode.config import apply_overrides
+    from idode.presets import get_preset
 
     per = max(1, settings.steps // settings.segments)
     common = [

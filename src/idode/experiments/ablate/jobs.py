@@ -280,7 +280,7 @@ def job_variance(
     from idode.checkpoint import load_model
     from idode.config import config_from_dict
     from idode.data import dataset_from_config
-    from idode.experiments.ablate.collect import stat
+    from idode.experiments.ablate.summary import stat
     from idode.model import build_model
 
     cfg = config_from_dict(cfg_dict)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -132,7 +131,7 @@ def render_docs(results_json: str | os.PathLike, docs_dir: str | os.PathLike) ->
     """Copy results.json into ``docs_dir`` and regenerate figures/ and results.md from it."""
     from idode.experiments.ablate.figures import make_figures
     from idode.experiments.ablate.report import render_results_md
-    from idode.rundir import read_json
+    from idode.rundir import read_json, write_text_atomic
 
     src = Path(results_json)
     results = read_json(src)
@@ -140,8 +139,6 @@ def render_docs(results_json: str | os.PathLike, docs_dir: str | os.PathLike) ->
     docs.mkdir(parents=True, exist_ok=True)
     dst = docs / "results.json"
     if not dst.exists() or not os.path.samefile(src, dst):
-        shutil.copyfile(src, dst)
+        write_text_atomic(dst, src.read_text())
     make_figures(results, docs / "figures")
-    path = docs / "results.md"
-    path.write_text(render_results_md(results, "figures"))
-    return path
+    return write_text_atomic(docs / "results.md", render_results_md(results, "figures"))

@@ -3,26 +3,14 @@ import pytest
 import torch
 from matplotlib.image import imread
 
-from idode.config import apply_overrides, get_preset
-from idode.sampling import sample_to_files, save_image_grid
-from idode.train import train
+from idode.write_samples import sample_to_files, save_image_grid
 
-TINY = [
-    "train.steps=20",
-    "train.eval_every=0",
-    "train.checkpoint_every=20",
-    "model.n_embd=8",
-    "model.n_layers=1",
-    "model.fourier_features=false",
-]
 FAST = dict(rtol=1e-3, atol=1e-3, device="cpu", progress=False)
 
 
 @pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    run = tmp_path_factory.mktemp("sample") / "run"
-    train(apply_overrides(get_preset("digits_cpu"), TINY), run, progress=False)
-    return run
+def ckpt(trained_run):
+    return trained_run  # conftest's shared run: read only
 
 
 def test_sample_to_files_writes_npz_and_png(ckpt, tmp_path):

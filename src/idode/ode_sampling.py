@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 
 from idode import rng
+from idode.augmented import eval_mode
 from idode.dequantization import nearest_level
-from idode.likelihood import eval_mode
 from idode.parameterization import DiffusionODE
 from idode.rng import Generators
 from idode.solvers import solve_ivp

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from idode.rundir import atomic_path
+
 __all__ = ["sample_to_files", "save_image_grid"]
 
 
@@ -39,9 +41,7 @@ def sample_to_files(
     the wall time.
     """
     from idode.checkpoint import CheckpointError, load_model
-    from idode.distributed import DistEnv, progress_bar, resolve_device
-    from idode.rng import example_generators
-    from idode.sampler import ode_sample
+    from idode.distributed import DistEnv, resolve_device
 
     if not isinstance(num_samples, int) or num_samples < 1:
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
@@ -54,31 +54,9 @@ def sample_to_files(
     if "data_shape" not in extra or "num_levels" not in extra:
         raise CheckpointError(f"checkpoint {ck.path} does not record data_shape and num_levels")
     shape, num_levels = tuple(int(s) for s in extra["data_shape"]), int(extra["num_levels"])
-
-    bar = progress_bar(num_samples, "sample", enabled=progress, unit="img")
-    parts, nfe_per_batch = [], []
-    try:
-        for start in range(0, num_samples, batch_size):
-            idx = list(range(start, min(start + batch_size, num_samples)))
-            res = ode_sample(
-                model,
-                len(idx),
-                shape,
-                num_levels=num_levels,
-                rtol=rtol,
-                atol=atol,
-                generator=example_generators(seed, idx, dev, purpose="sample"),
-                device=dev,
-            )
-            parts.append(res.samples.cpu())
-            nfe_per_batch.append(res.nfe)
-            if bar is not None:
-                bar.update(len(idx))
-    finally:
-        if bar is not None:
-            bar.close()
-    dtype = np.uint8 if num_levels <= 256 else np.int32
-    samples = torch.cat(parts).numpy().astype(dtype)
+    samples, nfe_per_batch = _draw(
+        model, num_samples, shape, num_levels, seed, rtol, atol, batch_size, dev, progress
+    )
     nfe = int(sum(nfe_per_batch))
 
     # by default in the run folder, never inside a checkpoint folder that cleanup deletes
@@ -86,13 +64,14 @@ def sample_to_files(
     prefix.parent.mkdir(parents=True, exist_ok=True)
     npz_path = prefix.with_name(prefix.name + ".npz")
     png_path = prefix.with_name(prefix.name + ".png")
-    np.savez_compressed(
-        npz_path,
-        samples=samples,
-        num_levels=np.int64(num_levels),
-        nfe=np.int64(nfe),
-        nfe_per_batch=np.asarray(nfe_per_batch, dtype=np.int64),
-    )
+    with atomic_path(npz_path) as tmp:
+        np.savez_compressed(
+            tmp,
+            samples=samples,
+            num_levels=np.int64(num_levels),
+            nfe=np.int64(nfe),
+            nfe_per_batch=np.asarray(nfe_per_batch, dtype=np.int64),
+        )
     save_image_grid(samples, num_levels, png_path, title=f"ODE samples, step {ck.step} ({nfe} NFE)")
     return {
         "npz": npz_path,
@@ -104,6 +83,39 @@ def sample_to_files(
         "step": ck.step,
         "seconds": time.perf_counter() - tic,
     }
+
+
+def _draw(model, n, shape, num_levels, seed, rtol, atol, batch_size, device, progress):
+    """n ODE samples [n, *shape] as integers (uint8, or int32 over 256 levels) in batches, each
+    sample from its own generator; and the NFE of each batch."""
+    from idode.distributed import progress_bar
+    from idode.ode_sampling import ode_sample
+    from idode.rng import example_generators
+
+    bar = progress_bar(n, "sample", enabled=progress, unit="img")
+    parts, nfe_per_batch = [], []
+    try:
+        for start in range(0, n, batch_size):
+            idx = list(range(start, min(start + batch_size, n)))
+            res = ode_sample(
+                model,
+                len(idx),
+                shape,
+                num_levels=num_levels,
+                rtol=rtol,
+                atol=atol,
+                generator=example_generators(seed, idx, device, purpose="sample"),
+                device=device,
+            )
+            parts.append(res.samples.cpu())
+            nfe_per_batch.append(res.nfe)
+            if bar is not None:
+                bar.update(len(idx))
+    finally:
+        if bar is not None:
+            bar.close()
+    dtype = np.uint8 if num_levels <= 256 else np.int32
+    return torch.cat(parts).numpy().astype(dtype), nfe_per_batch
 
 
 def default_sample_prefix(ck) -> Path:
@@ -161,5 +173,6 @@ def save_image_grid(
         fig.suptitle(title, fontsize=8, y=0.99)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp)
     return path
