@@ -101,6 +101,31 @@ NPZ_FILES: dict[str, Callable[[Path], object]] = {
 }
 
 
+class _RunsCode:
+    """Unpickling this runs ``os.system(...)``: the payload of a crafted data file."""
+
+    def __init__(self, command: str) -> None:
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+def _evil_cifar(tmp: Path) -> Path:
+    """A cifar-10-batches-py folder whose test_batch, loaded with pickle.load, touches a file."""
+    import pickle
+
+    d = tmp / "cifar" / "cifar-10-batches-py"
+    d.mkdir(parents=True)
+    good = {b"data": np.zeros((2, 3072), np.uint8), b"labels": [0, 1]}
+    for i in range(1, 6):
+        (d / f"data_batch_{i}").write_bytes(pickle.dumps(good, protocol=2))
+    evil = {b"data": _RunsCode(f"touch {tmp / 'EXECUTED'}"), b"labels": [0]}
+    for name in ("data_batch_1", "test_batch"):
+        (d / name).write_bytes(pickle.dumps(evil, protocol=2))
+    return d
+
+
 @dataclass(frozen=True)
 class Row:
     """A bad input: the command line ({tmp}, {run}, {copy}, {npz}, {file} filled in), a phrase."""
@@ -109,6 +134,7 @@ class Row:
     phrase: str
     npz: str | None = None  # write this NPZ_FILES entry to {npz} first
     mark: str | None = None  # xfail reason: the part of issue 8 still to do
+    setup: Callable[[Path], object] | None = None  # prepares files under {tmp} first
 
 
 def _train_npz(extra: str = "") -> str:
@@ -141,6 +167,12 @@ ROWS: dict[str, Row] = {
     "npz objects": Row(_train_npz(), r"\['train'\] holds Python objects .*np.asarray", "objects"),
     "npz corrupt": Row(_train_npz(), r"is corrupt or truncated .*write it again", "corrupt"),
     "npz folder": Row(_train_npz(), r"is a folder, not a file: data.path must name", "folder"),
+    "cifar batch that runs code (train)": Row(
+        "train --config cifar10_cpu --set data.root={tmp}/cifar --out {tmp}/r " + " ".join(TINY),
+        r"data_batch_1 is not a CIFAR-10 python batch: it asks to build posix.system.*refused "
+        r"unexecuted",
+        setup=_evil_cifar,
+    ),
     "npz missing": Row(
         _train_npz().replace("{npz}", "{tmp}/nowhere.npz"),
         r"nowhere.npz not found: data.path must name an existing .npz file.*data.path=FILE",
@@ -216,6 +248,8 @@ def _fill(row: Row, tmp: Path, request: pytest.FixtureRequest) -> list[str]:
     npz = tmp / "data.npz"
     if row.npz is not None:
         NPZ_FILES[row.npz](npz)
+    if row.setup is not None:
+        row.setup(tmp)
     run = copy = None
     if "{run}" in row.argv or "{copy}" in row.argv:
         run = request.getfixturevalue("run")
@@ -246,6 +280,20 @@ def test_bad_input_gives_one_line_and_exit_2(
     assert re.search(row.phrase, err), (row.phrase, err)
     if row.npz is not None or "npz" in name:
         assert "data.root" not in err
+    assert not (tmp_path / "EXECUTED").exists()  # no code ran from a data or weights file
+
+
+def test_crafted_cifar_batch_runs_nothing(tmp_path: Path) -> None:
+    import pickle
+
+    d = _evil_cifar(tmp_path)
+    with pytest.raises(DatasetError, match=r"posix.system.*no code runs from a data file"):
+        load_dataset("cifar10", "test", tmp_path / "cifar")
+    assert not (tmp_path / "EXECUTED").exists()
+    # the check of the check: pickle.load of the same file does run the command
+    with open(d / "test_batch", "rb") as f:
+        pickle.load(f)
+    assert (tmp_path / "EXECUTED").exists()
 
 
 # --------------------------------------------------------------------------------------------------
