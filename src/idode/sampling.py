@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
+
+from idode.validation import InputError
 
 __all__ = ["sample_to_files", "save_image_grid"]
 
@@ -31,12 +32,15 @@ def sample_to_files(
     device: str = "auto",
     ema: bool = True,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Draw ``num_samples`` ODE samples; write ``{out_prefix}.npz`` and ``{out_prefix}.png``.
 
     The npz holds ``samples`` [N, C, H, W] (uint8, or int32 for more than 256 levels),
-    ``num_levels`` and ``nfe`` (total batched network evaluations). Returns the paths, the NFE and
-    the wall time.
+    ``num_levels``, ``nfe`` (total batched network evaluations) and the settings that define the
+    samples (``seed``, ``rtol``, ``atol``, ``step``); the PNG shows the first 256. Existing files
+    are refused unless ``overwrite`` (the default prefix names the seed). Returns the paths, the
+    NFE and the wall time.
     """
     from idode.checkpoint import CheckpointError, load_model
     from idode.distributed import DistEnv, progress_bar, resolve_device
@@ -54,6 +58,18 @@ def sample_to_files(
     if "data_shape" not in extra or "num_levels" not in extra:
         raise CheckpointError(f"checkpoint {ck.path} does not record data_shape and num_levels")
     shape, num_levels = tuple(int(s) for s in extra["data_shape"]), int(extra["num_levels"])
+    dtype = np.uint8 if num_levels <= 256 else np.int32
+    _check_memory(num_samples, shape, dtype)
+    # by default in the run folder, never inside a checkpoint folder that cleanup deletes
+    prefix = Path(out_prefix) if out_prefix is not None else default_sample_prefix(ck, seed)
+    npz_path = prefix.with_name(prefix.name + ".npz")
+    png_path = prefix.with_name(prefix.name + ".png")
+    taken = [p for p in (npz_path, png_path) if p.exists()]
+    if taken and not overwrite:
+        raise InputError(
+            f"{taken[0]} already exists (earlier samples); choose another --out PREFIX, or "
+            f"--overwrite to replace them"
+        )
 
     bar = progress_bar(num_samples, "sample", enabled=progress, unit="img")
     parts, nfe_per_batch = [], []
@@ -70,30 +86,34 @@ def sample_to_files(
                 generator=example_generators(seed, idx, dev, purpose="sample"),
                 device=dev,
             )
-            parts.append(res.samples.cpu())
+            parts.append(res.samples.cpu().numpy().astype(dtype))  # kept small: -n can be large
             nfe_per_batch.append(res.nfe)
             if bar is not None:
                 bar.update(len(idx))
     finally:
         if bar is not None:
             bar.close()
-    dtype = np.uint8 if num_levels <= 256 else np.int32
-    samples = torch.cat(parts).numpy().astype(dtype)
+    samples = np.concatenate(parts)
+    del parts
     nfe = int(sum(nfe_per_batch))
 
-    # by default in the run folder, never inside a checkpoint folder that cleanup deletes
-    prefix = Path(out_prefix) if out_prefix is not None else default_sample_prefix(ck)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    npz_path = prefix.with_name(prefix.name + ".npz")
-    png_path = prefix.with_name(prefix.name + ".png")
-    np.savez_compressed(
-        npz_path,
-        samples=samples,
-        num_levels=np.int64(num_levels),
-        nfe=np.int64(nfe),
-        nfe_per_batch=np.asarray(nfe_per_batch, dtype=np.int64),
-    )
-    save_image_grid(samples, num_levels, png_path, title=f"ODE samples, step {ck.step} ({nfe} NFE)")
+    tmp = npz_path.with_name(f".{npz_path.name}.tmp")  # complete or absent: renamed into place
+    with open(tmp, "wb") as f:
+        np.savez_compressed(
+            f,
+            samples=samples,
+            num_levels=np.int64(num_levels),
+            nfe=np.int64(nfe),
+            nfe_per_batch=np.asarray(nfe_per_batch, dtype=np.int64),
+            seed=np.int64(seed),
+            rtol=np.float64(rtol),
+            atol=np.float64(atol),
+            step=np.int64(ck.step),
+        )
+    os.replace(tmp, npz_path)
+    title = f"ODE samples, step {ck.step}, seed {seed} ({nfe} NFE)"
+    save_image_grid(samples[:256], num_levels, png_path, title=title)
     return {
         "npz": npz_path,
         "png": png_path,
@@ -102,15 +122,31 @@ def sample_to_files(
         "nfe_per_batch": nfe_per_batch,
         "checkpoint": ck.path,
         "step": ck.step,
+        "seed": seed,
         "seconds": time.perf_counter() - tic,
     }
 
 
-def default_sample_prefix(ck) -> Path:
-    """RUN/samples/step_N (files step_N.npz and step_N.png) for a loaded checkpoint."""
+def default_sample_prefix(ck, seed: int = 0) -> Path:
+    """RUN/samples/step_N_seedS (files .npz and .png) for a loaded checkpoint and a seed."""
     from idode.checkpoint import run_folder
 
-    return run_folder(ck.path) / "samples" / f"step_{ck.step:08d}"
+    return run_folder(ck.path) / "samples" / f"step_{ck.step:08d}_seed{seed}"
+
+
+def _check_memory(num_samples: int, shape: tuple[int, ...], dtype) -> None:
+    """One line before anything runs if the samples cannot fit in the memory available."""
+    need = num_samples * math.prod(shape) * np.dtype(dtype).itemsize
+    try:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on this platform: no check
+        return
+    if need > free // 2:
+        raise InputError(
+            f"-n {num_samples} samples of {list(shape)} need {need / 1e9:.1f} GB of memory, more "
+            f"than half of the {free / 1e9:.1f} GB available; draw fewer, in several runs with "
+            f"different --seed values"
+        )
 
 
 def save_image_grid(

@@ -5,7 +5,10 @@ from idode.cli import main
 
 def test_demo_quick_writes_a_readable_report(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--quick", "--out", str(out), "--no-progress"]) == 0
+    out.mkdir()
+    (out / "notes.txt").write_text("a user's file\n")  # --overwrite writes next to it, never over
+    assert main(["demo", "--quick", "--out", str(out), "--no-progress", "--overwrite"]) == 0
+    assert (out / "notes.txt").read_text() == "a user's file\n"
     assert f"Report: {(out / 'report.md').resolve()}" in capsys.readouterr().out
     report = (out / "report.md").read_text()
     for needle in (

@@ -161,6 +161,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     print(json.dumps({k: str(v) for k, v in res.items()}, indent=1))
     return 0
@@ -169,7 +170,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from idode.experiments.demo import run_demo
 
-    run_demo(args.out, steps=args.steps, quick=args.quick, progress=not args.no_progress)
+    run_demo(
+        args.out,
+        steps=args.steps,
+        quick=args.quick,
+        progress=not args.no_progress,
+        overwrite=args.overwrite,
+    )
     return 0
 
 
