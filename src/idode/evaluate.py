@@ -111,6 +111,17 @@ def _check_arguments(split: str, max_examples: int | None, flags: dict[str, Any]
     replace(Config(), eval=replace(EvalConfig(), **given)).validate()
 
 
+def _check_one_data_root(data_root: str | None, overrides: list[str] | None) -> None:
+    """--data-root and --set data.root= (or data.path=) name one thing twice: refuse both."""
+    keys = [o.split("=", 1)[0].strip() for o in overrides or []]
+    both = [k for k in keys if k in ("data.root", "data.path")]
+    if data_root is not None and both:
+        raise ConfigError(
+            f"--data-root {data_root} and --set {both[0]}=... both say where the data is; "
+            f"give only one of them"
+        )
+
+
 def _load(checkpoint, ema: bool, device: str, split: str, data_root, max_examples, data, overrides):
     """(env, device, model, checkpoint record, dataset), the dataset checked against the model.
 
@@ -273,6 +284,7 @@ def evaluate(
                  atol=atol, batch_size=batch_size, seed=seed, tolerance=tolerance,
                  logp_atol=logp_atol)  # fmt: skip
     _check_arguments(split, max_examples, flags)
+    _check_one_data_root(data_root, overrides)
     env, dev, model, ck, ds = _load(
         checkpoint, ema, device, split, data_root, max_examples, data, overrides
     )

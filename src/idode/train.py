@@ -449,7 +449,14 @@ def train(
     stored absolute.
     """
     cfg = absolute_data_paths(cfg.validate())
-    run, ck = _begin(cfg, Path(run_dir), resume, init_from, overwrite)
+    created = not Path(run_dir).exists()
+    try:
+        run, ck = _begin(cfg, Path(run_dir), resume, init_from, overwrite)
+    except BaseException:
+        if created:  # a run that failed to start leaves no empty folder behind
+            with contextlib.suppress(OSError):
+                Path(run_dir).rmdir()
+        raise
     t, env = cfg.train, run.env
     if env.is_main:
         (run.run_dir / "config.json").write_text(dumps(cfg) + "\n")

@@ -76,7 +76,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     _run_guards(args)
     if args.resume:
         # the settings only: train() loads and verifies the checkpoint (naming a damaged one)
-        cfg = apply_overrides(read_config(args.out)[2], args.set)
+        saved = read_config(args.out)[2]
+        cfg = apply_overrides(saved, args.set)
+        if args.config is not None:
+            _check_resume_config(_load_config(args.config, args.set), cfg)
     else:
         if args.config is None:
             raise ConfigError("--config PRESET|FILE is required (or --resume to continue --out)")
@@ -85,6 +88,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(dumps(cfg))
         return 0
     return _train(args, cfg)
+
+
+def _check_resume_config(given, resumed) -> None:
+    """--config with --resume: refused unless it says what the run (with --set) already is."""
+    from idode.config import ConfigError, config_differences
+    from idode.runguard import absolute_data_paths
+
+    sections = ("model", "data", "train", "eval")
+    diff = config_differences(resumed, absolute_data_paths(given), sections)
+    if (given.preset or None) != (resumed.preset or None):
+        diff.insert(0, f"preset (checkpoint {resumed.preset!r}, now {given.preset!r})")
+    if diff:
+        raise ConfigError(
+            f"--resume continues the run with its own settings, but --config differs from them: "
+            f"{diff[0]}{f' and {len(diff) - 1} more' if len(diff) > 1 else ''}; drop --config "
+            f"(and change a setting with --set KEY=VALUE)"
+        )
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
