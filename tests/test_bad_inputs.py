@@ -613,6 +613,107 @@ def test_sample_more_than_memory_is_one_line(
     assert not list(tmp_path.iterdir())
 
 
+# --------------------------------------------------------------------------------------------------
+# diffusers model folders, each broken in one way (issue 17)
+# --------------------------------------------------------------------------------------------------
+
+_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+def _edit_json(path: Path, **changes) -> None:
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def _pickled_weights(d: Path) -> None:
+    """Weights as a .bin pickle that would run a command if loaded with pickle."""
+    (d / _WEIGHTS).unlink()
+    torch.save(
+        {"x": _RunsCode(f"touch {d.parent / 'EXECUTED'}")},
+        d / "unet" / "diffusion_pytorch_model.bin",
+    )
+
+
+FOLDERS: dict[str, tuple[Callable[[Path], object], str]] = {
+    "weights missing": (lambda d: (d / _WEIGHTS).unlink(), r"unet holds no weights: idode reads"),
+    "weights truncated": (
+        lambda d: (d / _WEIGHTS).write_bytes((d / _WEIGHTS).read_bytes()[:1000]),
+        r"the UNet weights in .*unet do not load .*damaged or do not match config.json",
+    ),
+    "scheduler config cut off": (
+        lambda d: (d / "scheduler/scheduler_config.json").write_text('{"_class_name": "DDPM'),
+        r"scheduler_config.json is not readable JSON .*save it again",
+    ),
+    "unknown UNet class": (
+        lambda d: _edit_json(d / "unet/config.json", _class_name="UNetFancy"),
+        r"UNet class 'UNetFancy' is not in diffusers",
+    ),
+    "class-conditional UNet": (
+        lambda d: _edit_json(d / "unet/config.json", num_class_embeds=10),
+        r"class-conditional UNet needs class labels",
+    ),
+    ".bin weights": (
+        _pickled_weights,
+        r"holds only diffusion_pytorch_model.bin, a pickle \(which can run code\)",
+    ),
+}
+
+
+@pytest.fixture(scope="module")
+def diffusers_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    unet = diffusers.UNet2DModel(
+        sample_size=8,
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    )
+    root = tmp_path_factory.mktemp("diffusers") / "pipe"
+    unet.save_pretrained(root / "unet")
+    diffusers.DDPMScheduler().save_pretrained(root / "scheduler")
+    return root
+
+
+@pytest.mark.parametrize("name", list(FOLDERS))
+def test_broken_diffusers_folder_is_one_line(
+    name: str,
+    diffusers_folder: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder = shutil.copytree(diffusers_folder, tmp_path / "pipe")
+    monkeypatch.chdir(tmp_path)
+    damage, phrase = FOLDERS[name]
+    damage(folder)
+    argv = ["eval", "--checkpoint", str(folder), "--data", "digits", *FAST_EVAL]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and err.startswith("idode: error: ") and err.count("\n") == 1, err
+    assert re.search(phrase, err), (phrase, err)
+    assert not (tmp_path / "EXECUTED").exists() and not (tmp_path / "evals").exists()
+
+
+def test_diffusers_results_go_to_the_working_directory(
+    diffusers_folder: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    folder = shutil.copytree(diffusers_folder, tmp_path / "pipe")
+    before = sorted(p.relative_to(folder) for p in folder.rglob("*"))
+    monkeypatch.chdir(tmp_path)
+    assert main(["eval", "--checkpoint", str(folder), "--data", "digits", *FAST_EVAL]) == 0
+    err = capsys.readouterr().err
+    assert "accelerate" not in err  # diffusers' warning on every load is not shown
+    assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before  # nothing inside
+    (out,) = (tmp_path / "evals").iterdir()
+    assert out.name == "pipe_digits_test_truncated_normal" and (out / "eval.json").is_file()
+
+
 def test_fresh_run_refuses_earlier_metrics(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

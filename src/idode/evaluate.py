@@ -95,10 +95,13 @@ def resolve_settings(cfg: Config, **flags: Any) -> tuple[EvalConfig, dict[str, s
 
 def default_eval_dir(ck: LoadedCheckpoint, split: str, ev: EvalConfig) -> Path:
     """RUN/evals/step_N_SPLIT_DEQ[_kK][_iw]: in the run folder, never inside a checkpoint folder
-    (old-checkpoint cleanup deletes those)."""
+    (old-checkpoint cleanup deletes those); for a diffusers model folder, which idode did not
+    write, ./evals/FOLDER_DATA_SPLIT_DEQ... in the working directory."""
     name = f"step_{ck.step:08d}_{split}_{ev.dequantization}"
     name += f"_k{ev.num_samples}" if ev.num_samples > 1 else ""
     name += "_iw" if ev.importance_weighted else ""
+    if "model_folder" in ck.meta:  # another library's model (maybe a read-only hub cache): ./evals
+        return Path("evals") / (f"{Path(ck.path).name}_{ck.config.data.name}_" + name[14:])
     return run_folder(ck.path) / "evals" / name
 
 

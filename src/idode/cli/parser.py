@@ -190,7 +190,10 @@ def _add_eval(sub) -> None:
         help="idode checkpoint or run directory, or a diffusers model folder (with --data)",
     )
     e.add_argument(
-        "--out", type=OUT_DIR, help="output directory (default: RUN/evals/step_N_SPLIT_DEQ...)"
+        "--out",
+        type=OUT_DIR,
+        help="output directory (default: RUN/evals/step_N_SPLIT_DEQ...; for a diffusers "
+        "folder ./evals/FOLDER_DATA_SPLIT_DEQ...)",
     )
     e.add_argument("--split", default="test", choices=list(SPLITS))
     e.add_argument("--dequantization", choices=list(DEQUANTIZATIONS), help="default: checkpoint")
