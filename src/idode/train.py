@@ -223,6 +223,11 @@ def _setup(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device) -> _R
     env.barrier()
     # data: integer images; the scaling to [-1, 1] is bin_centers, in one place
     train_ds = dataset_from_config(dc, "train", max_examples=dc.max_train_examples)
+    if per_rank * env.world_size > len(train_ds):  # a batch is drawn without repeats
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is larger than the {len(train_ds)} training images "
+            f"of {train_ds.name}; use --set train.batch_size=N with N <= {len(train_ds)}"
+        )
     eval_ds = held_out_subset(dc)
     loader = make_loader(
         train_ds,

@@ -31,6 +31,11 @@ from idode.cli.parser import build_parser
 __all__ = ["build_parser", "main", "user_error_message"]
 
 
+# OSError itself and the subclasses a write can raise (read-only file system, a folder in the
+# way, too many open files, I/O errors); its other subclasses (timeouts, connections) are bugs
+_OS_ERRORS = (OSError, IsADirectoryError, NotADirectoryError, FileExistsError)
+
+
 def user_error_message(e: BaseException, out: str | None = None) -> str | None:
     """The one-line message for a known user error, or None for a bug (which shows a traceback).
 
@@ -50,6 +55,9 @@ def user_error_message(e: BaseException, out: str | None = None) -> str | None:
         return f"permission denied: {e.filename or e}; choose a path you may write to"
     if isinstance(e, FileNotFoundError) and e.filename is not None:
         return f"{e.filename} not found: check the path"
+    if type(e) in _OS_ERRORS and e.errno is not None:  # a read-only file system, a quota, ...
+        where = e.filename or (f"{out} or the standard output" if out else "the output")
+        return f"cannot write {where}: {e.strerror or e}; choose a path you may write to"
     if isinstance(
         e, ConfigError | InputError | CheckpointError | TrainingDiverged | FileNotFoundError
     ):
