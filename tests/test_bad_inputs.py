@@ -263,6 +263,17 @@ ROWS: dict[str, Row] = {
     "eval --atol -1": Row("eval --checkpoint {run} --atol -1", r"--atol: must be a positive"),
     "eval --atol=-1e-5": Row("eval --checkpoint x --atol=-1e-5", r"--atol: must be a positive"),
     "eval --rtol nan": Row("eval --checkpoint {run} --rtol nan", r"positive number, got nan"),
+    "eval --rtol 1e-30": Row(
+        "eval --checkpoint {run} --rtol 1e-30",
+        r"eval.rtol=1e-30 is below 1e-13, which float64 arithmetic cannot deliver",
+    ),
+    "train --set eval.rtol=1e-14": Row(
+        "train --config digits_cpu --set eval.rtol=1e-14 --out {tmp}/r --dry-run",
+        r"eval.rtol=1e-14 is below 1e-13",
+    ),
+    "sample --rtol 1e-20": Row(
+        "sample --checkpoint {run} --rtol 1e-20 --out {tmp}/s", r"rtol=1e-20 is below 1e-13"
+    ),
     "eval --rtol abc": Row("eval --checkpoint {run} --rtol abc", r"--rtol: 'abc' is not a number"),
     "eval --num-samples 0": Row("eval --checkpoint x --num-samples 0", r"--num-samples: must be"),
     "eval --max-examples 0": Row("eval --checkpoint x --max-examples 0", r"--max-examples: must"),
@@ -467,7 +478,26 @@ def test_bugs_keep_their_traceback_and_debug_shows_all(
 # the library
 # --------------------------------------------------------------------------------------------------
 
+
+def _model() -> idode.DiffusionODE:
+    return idode.DiffusionODE(
+        idode.nets.MLP(shape=(1, 2, 2), hidden=8, depth=1), idode.VPSchedule()
+    )
+
+
 LIBRARY_ROWS = {
+    "bits_per_dim rtol 1e-30": (
+        lambda: idode.bits_per_dim(
+            _model(), torch.zeros(1, 1, 2, 2, dtype=torch.long), 4, rtol=1e-30
+        ),
+        ValueError,
+        r"rtol=1e-30 is below 1e-13, which float64 arithmetic cannot deliver",
+    ),
+    "log_likelihood rtol 1e-14": (
+        lambda: idode.log_likelihood(_model(), torch.zeros(1, 1, 2, 2), rtol=1e-14),
+        ValueError,
+        r"rtol=1e-14 is below 1e-13",
+    ),
     "bin_centers floats in [0, 1]": (
         lambda: idode.bin_centers(torch.rand(2, 3), 256),
         TypeError,
@@ -511,6 +541,49 @@ def test_library_bad_input(name: str) -> None:
     fn, kind, phrase = LIBRARY_ROWS[name]
     with pytest.raises(kind, match=phrase):
         fn()
+
+
+def test_loose_rtol_warns_that_the_result_is_biased() -> None:
+    from idode.validation import BiasedToleranceWarning
+
+    x = torch.zeros(2, 1, 2, 2, dtype=torch.long)
+    with pytest.warns(BiasedToleranceWarning, match=r"rtol=0.02 >= 0.01: the ODE solver's error"):
+        idode.bits_per_dim(_model(), x, 4, rtol=2e-2, atol=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # 1e-3 is neither refused nor warned about
+        idode.bits_per_dim(_model(), x, 4, rtol=1e-3, atol=1e-3)
+
+
+def test_exact_divergence_on_many_dims_says_its_cost_first() -> None:
+    from idode.divergence import ExactDivergenceCost
+
+    net = idode.nets.MLP(shape=(3, 32, 32), hidden=8, depth=1)
+    model = idode.DiffusionODE(net, idode.VPSchedule())
+    calls = []
+    model.net.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.warns(ExactDivergenceCost, match=r"d = 3072 dimensions costs 3072 vector-Jacobian"):
+        with pytest.raises(RuntimeError, match="stop"):
+            with warnings.catch_warnings():
+                warnings.simplefilter("always")
+                model.net.register_forward_pre_hook(
+                    lambda *a: (_ for _ in ()).throw(RuntimeError("stop"))
+                )
+                idode.log_likelihood(model, torch.zeros(1, 3, 32, 32), divergence="exact")
+    assert not calls  # said before the first network call
+
+
+def test_cli_warnings_are_one_line(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)  # restored afterwards
+    argv = ["idode", "eval", "--checkpoint", str(run), "--out", str(tmp_path / "e"), *FAST_EVAL]
+    monkeypatch.setattr(sys, "argv", argv)  # main() reads the command line, as the script does
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main() == 0
+    err = capsys.readouterr().err
+    assert "idode: warning: rtol=0.01 >= 0.01: the ODE solver's error biases" in err, err
+    assert "warnings.warn" not in err and ".py:" not in err
 
 
 @pytest.mark.parametrize("name", sorted(NPZ_FILES))

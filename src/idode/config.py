@@ -22,7 +22,7 @@ from idode.likelihood import Divergence, Tolerance
 from idode.nets import NetKind
 from idode.parameterization import Parameterization
 from idode.schedules import ScheduleName
-from idode.validation import InputError, check_choice, check_device
+from idode.validation import InputError, check_choice, check_device, check_rtol
 
 __all__ = [
     "Config",
@@ -249,6 +249,7 @@ def _check_combinations(cfg: Config) -> None:
     if cfg.data.name == "npz" and not cfg.data.path:
         raise ConfigError("data.name=npz needs data.path=FILE.npz")
     check_device(t.device, "train.device", error=ConfigError)
+    check_rtol(cfg.eval.rtol, "eval.rtol", error=ConfigError, warn_biased=False)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -34,11 +34,13 @@ from idode.divergence import (
     first_order_input_gradients,
     hutchinson_divergence,
     sample_probes,
+    warn_exact_cost,
 )
 from idode.losses import check_model_input, diffusion_loss_terms
 from idode.parameterization import DiffusionODE, check_choice
 from idode.rng import Generators
 from idode.solvers import SolverStats, nfe_of_steps, solve_ivp
+from idode.validation import check_rtol
 
 __all__ = [
     "BPDResult",
@@ -67,6 +69,7 @@ def solver_tolerances(
 ) -> dict:
     """Keyword arguments of ``solve_ivp``/``solve_stream`` for a tolerance protocol."""
     check_choice("tolerance", tolerance, TOLERANCES)
+    check_rtol(rtol)  # refuses what float64 cannot deliver; warns when the result is biased
     if tolerance == "paper":
         if logp_atol is not None:
             raise ValueError('logp_atol has no effect with tolerance="paper"; drop one of them')
@@ -187,6 +190,8 @@ def augmented_field(
     """
     kw = net_kwargs or {}
     d = math.prod(shape)
+    if divergence == "exact":
+        warn_exact_cost(d, exact_chunk_size)  # before the solve starts
 
     def field_(t: Tensor, y: Tensor, probes: Tensor | None = None) -> Tensor:
         b = y.shape[0]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from torch import Tensor
 
-from idode.validation import InputError
+from idode.validation import InputError, check_rtol
 
 __all__ = ["sample_to_files", "save_image_grid"]
 
@@ -51,6 +51,7 @@ def sample_to_files(
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_rtol(rtol, warn_biased=False)
     tic = time.perf_counter()
     dev = resolve_device(device, DistEnv(), key="--device")
     model, ck = load_model(checkpoint, ema=ema, device=dev)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import warnings
 
 from idode.cli.parser import build_parser
 
@@ -84,11 +85,21 @@ def _quiet_stdout() -> None:
         pass
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line ``idode: warning: ...`` (not Python's file:line and source)."""
+    try:
+        print(f"idode: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one ``idode`` command; exit status 0, or 2 with one line for a user error.
 
     A traceback is shown only for a bug, or for every error when IDODE_DEBUG=1.
     """
+    if argv is None:  # the command line (a caller of main(argv) keeps its own warning display)
+        warnings.showwarning = _show_warning
     args = None
     try:
         args = build_parser().parse_args(argv)
