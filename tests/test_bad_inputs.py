@@ -715,6 +715,45 @@ def test_non_integer_step_in_meta_json_is_one_line(
     assert "'step' is '2.5', not a non-negative integer" in err
 
 
+def test_periodic_evaluation_rows_are_bounded_by_the_training_batch(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the cifar10 preset evaluates 256 rows per call in `idode eval`; during training (batch 128
+    # per process) a call of 256 rows needed more memory than the training step: now at most 128
+    import idode.evaluate
+    from idode.presets import get_preset
+    from idode.train import periodic_eval
+
+    seen = []
+
+    def record(model, x, idx, dev, num_levels, ev, with_elbo):
+        seen.append(ev.batch_size)
+        return iter(())
+
+    monkeypatch.setattr(idode.evaluate, "evaluate_stream", record)
+    cfg = get_preset("cifar10")
+    assert (cfg.eval.batch_size, cfg.train.batch_size) == (256, 128)
+    model = idode.DiffusionODE(
+        idode.nets.MLP(shape=(3, 2, 2), hidden=4, depth=1), idode.VPSchedule()
+    )
+    x = torch.zeros(3, 3, 2, 2, dtype=torch.long)
+    periodic_eval(model, x, 256, cfg, ode=True, step=1)
+    assert seen == [128]
+
+
+def test_training_memory_is_weights_plus_activations_per_image() -> None:
+    from idode.distributed import training_memory
+
+    net = idode.nets.MLP(shape=(1, 4, 4), hidden=32, depth=2)
+    model = idode.DiffusionODE(net, idode.VPSchedule())
+    weights = sum(p.numel() * 4 for p in model.parameters())
+    one, two = training_memory(model, (1, 4, 4), 1), training_memory(model, (1, 4, 4), 2)
+    assert one - (two - one) == 5 * weights  # weights, EMA, gradients, two Adam moments
+    assert two - one > 0 and training_memory(model, (1, 4, 4), 2, True) - 5 * weights == 3 * (
+        two - 5 * weights
+    )
+
+
 def test_zero_layer_unet_trains(tmp_path: Path) -> None:
     # n_layers = 0 is a valid official depth: no down blocks, the middle and one up block
     argv = ["train", "--config", "digits_cpu", "--set", "train.steps=1", *TINY]

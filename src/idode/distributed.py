@@ -19,12 +19,14 @@ from idode.validation import check_device
 __all__ = [
     "DistEnv",
     "all_gather",
+    "available_memory",
     "broadcast",
     "device_kind",
     "dist_env",
     "progress_bar",
     "resolve_device",
     "setup",
+    "training_memory",
 ]
 
 
@@ -105,6 +107,49 @@ def all_gather(obj: Any, env: DistEnv) -> list[Any]:
     parts: list[Any] = [None] * env.world_size
     torch.distributed.all_gather_object(parts, obj)
     return parts
+
+
+def training_memory(model: torch.nn.Module, shape: tuple[int, ...], batch: int,
+                    second_order: bool = False) -> int:  # fmt: skip
+    """Rough bytes one training process holds for ``model`` (a DiffusionODE) at ``batch`` images.
+
+    Weights, EMA, gradients and two Adam moments (5 copies), plus the activations kept for the
+    backward pass: every leaf module's output for one image (measured by one forward), times the
+    batch (x1.5 for the functional ops between modules), three times over with the second-order
+    term's double backward. An evaluation row
+    (forward + one VJP, no weight gradients) holds no more than a training image does.
+    """
+    leaves = [m for m in model.net.modules() if not any(True for _ in m.children())]
+    sizes: list[int] = []
+
+    def record(module, inputs, output) -> None:
+        if isinstance(output, torch.Tensor):
+            sizes.append(output.numel() * output.element_size())
+
+    hooks = [m.register_forward_hook(record) for m in leaves]
+    p = next(model.parameters())
+    try:
+        with torch.no_grad():
+            z = torch.zeros(1, *shape, device=p.device, dtype=p.dtype)
+            model.net(z, torch.zeros(1, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    weights = sum(q.numel() * q.element_size() for q in model.parameters())
+    # x1.5: autograd also keeps tensors of functional ops (activations, sums) no leaf returns
+    return 5 * weights + int(1.5 * sum(sizes)) * batch * (3 if second_order else 1)
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new process (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def progress_bar(
