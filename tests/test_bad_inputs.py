@@ -754,6 +754,32 @@ def test_training_memory_is_weights_plus_activations_per_image() -> None:
     )
 
 
+def test_evaluation_progress_moves_with_the_running_solves(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # progress = finished jobs + each running row's share of [gamma_start, gamma_max], over K
+    import idode.continuous
+
+    monkeypatch.setattr(idode.continuous._Progress, "every", 0.0)  # report at every call
+    model = _model()
+    x = torch.randint(0, 4, (6, 1, 2, 2))
+    reports: list[float] = []
+    finished_at: list[tuple[int, int]] = []  # (examples finished, reports seen so far)
+    done = 0
+    stream = idode.continuous.iter_bits_per_dim(
+        model, x, 4, "truncated_normal", 2, "rademacher", rtol=1e-4, atol=1e-4, batch_size=3,
+        progress=reports.append,
+    )  # fmt: skip
+    for group in stream:
+        done += len(group)
+        finished_at.append((done, len(reports)))
+    assert done == 6 and reports and all(0.0 <= r <= 6 for r in reports)
+    first_done, before = finished_at[0]
+    assert before > 0 and 0 < max(reports[:before]) < first_done + 1  # moved before any ended
+    assert any(r != int(r) for r in reports)  # fractions of running solves, not only whole ends
+    assert max(reports) > 5  # near the end, most of the work is counted
+
+
 def test_zero_layer_unet_trains(tmp_path: Path) -> None:
     # n_layers = 0 is a valid official depth: no down blocks, the middle and one up block
     argv = ["train", "--config", "digits_cpu", "--set", "train.steps=1", *TINY]

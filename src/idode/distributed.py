@@ -20,6 +20,7 @@ __all__ = [
     "DistEnv",
     "all_gather",
     "available_memory",
+    "bar_setter",
     "broadcast",
     "device_kind",
     "dist_env",
@@ -160,12 +161,35 @@ def progress_bar(
     initial: int = 0,
     enabled: bool = True,
     unit: str = "it",
+    fractional: bool = False,
 ):
-    """A tqdm bar on rank 0 (None elsewhere, when disabled, or with IDODE_NO_PROGRESS=1)."""
+    """A tqdm bar on rank 0 (None elsewhere, when disabled, or with IDODE_NO_PROGRESS=1).
+
+    ``fractional``: the count moves in fractions (``bar_setter``) and is shown rounded."""
     if not enabled or (env is not None and not env.is_main):
         return None
     if os.environ.get("IDODE_NO_PROGRESS") == "1":
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+    fmt = None
+    if fractional:
+        fmt = "{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+    return tqdm(
+        total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, bar_format=fmt
+    )
+
+
+def bar_setter(bar, start: float = 0.0, scale: int = 1):
+    """``set(x)``: move ``bar`` (or nothing, for None) to ``start + scale * x``, never back.
+
+    For progress measured as an amount done (fractional), not as increments."""
+
+    def set_(x: float) -> None:
+        if bar is None:
+            return
+        target = min(float(bar.total), start + scale * x)
+        if target > bar.n:
+            bar.update(target - bar.n)
+
+    return set_

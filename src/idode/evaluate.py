@@ -42,7 +42,7 @@ from idode.config import Config, ConfigError, DataConfig, EvalConfig, apply_over
 from idode.continuous import bpd_columns, iter_bits_per_dim, stack_examples
 from idode.data import DATASETS, DatasetName, Split, dataset_from_config
 from idode.dequantization import Dequantization, bits_per_dim_from_nats
-from idode.distributed import broadcast, progress_bar, setup
+from idode.distributed import bar_setter, broadcast, progress_bar, setup
 from idode.evalfiles import (
     EXAMPLES_FILE,
     RESULT_FILE,
@@ -339,17 +339,21 @@ def _evaluate_examples(model, ds, out: Path, ev: EvalConfig, with_elbo: bool, en
     truncate_partial_line(own)
     x_all = ds.as_tensor()
     desc = f"eval {ev.dequantization}" + (f" (x{env.world_size} ranks)" if env.distributed else "")
-    bar = progress_bar(n, desc, env=env, enabled=progress, unit="img")
-    if bar is not None:
-        bar.update(sum(i in done for i in range(n)))
+    bar = progress_bar(n, desc, env=env, enabled=progress, unit="img", fractional=True)
+    start = sum(i in done for i in range(n))
+    # the bar moves with the running solves, not only when examples end (x W: other ranks alike)
+    advance = bar_setter(bar, start, env.world_size)
+    advance(0.0)
     try:
         stream = evaluate_stream(
-            model, x_all, [i for i in mine if i not in done], dev, ds.num_levels, ev, with_elbo
-        )
+            model, x_all, [i for i in mine if i not in done], dev, ds.num_levels, ev, with_elbo,
+            progress=advance,
+        )  # fmt: skip
+        finished = 0
         for rows in stream:  # examples as they finish: a kill loses only the running ones
             append_jsonl(own, rows)
-            if bar is not None:
-                bar.update(min(len(rows) * env.world_size, bar.total - bar.n))
+            finished += len(rows)
+            advance(finished)
     finally:
         if bar is not None:
             bar.close()
@@ -366,8 +370,9 @@ def _elbo_generators(seed: int, indices: list[int], device: torch.device) -> lis
 
 
 def evaluate_stream(
-    model, x_all: Tensor, indices: list[int], dev, num_levels: int, ev: EvalConfig, with_elbo: bool
-) -> Iterator[list[dict[str, Any]]]:
+    model, x_all: Tensor, indices: list[int], dev, num_levels: int, ev: EvalConfig, with_elbo: bool,
+    progress=None,
+) -> Iterator[list[dict[str, Any]]]:  # fmt: skip
     """Per-example result rows (bits/dim, solver work and error, ELBO terms) as examples finish.
 
     One continuous-batched pass over ``indices``: at most ``batch_size`` rows per network call.
@@ -391,6 +396,7 @@ def evaluate_stream(
         batch_size=ev.batch_size,
         generator=example_generators(ev.seed, indices, dev, purpose="dequantization"),
         stats=stats,
+        progress=progress,
     )
     tic, calls = time.perf_counter(), 0
     for group in stream:
