@@ -780,6 +780,39 @@ def test_evaluation_progress_moves_with_the_running_solves(
     assert max(reports) > 5  # near the end, most of the work is counted
 
 
+def test_eval_summary_names_the_sde_bound_nfe_time_and_solver_error(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["eval", "--checkpoint", str(run), "--out", str(tmp_path / "e"), "--no-progress"]
+    assert main([*argv, "--max-examples", "2", "--rtol", "1e-3", "--atol", "1e-3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    res = json.loads((tmp_path / "e" / "eval.json").read_text())
+    assert out[0].startswith("truncated_normal bits/dim: ")
+    assert out[1] == f"SDE bound (ELBO) bits/dim: {res['elbo']['mean']:.4f} +- " + (
+        f"{res['elbo']['stderr']:.4f}"
+    )
+    assert out[2].startswith(f"NFE per image: mean {res['nfe']['per_example_mean']:.0f} (min ")
+    assert "wall time" in out[2] and out[3].startswith("solver error estimate: mean ")
+    assert out[4] == f"results: {tmp_path / 'e' / 'eval.json'}"
+
+
+def test_other_ranks_print_no_summary(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import idode.train
+
+    def rank1_train(cfg, out, **kw):  # what train() returns on rank 1 of a torchrun job
+        return idode.train.TrainResult(Path(out), 1, None, {"train/loss_bpd": 1.0})
+
+    monkeypatch.setattr(idode.train, "train", rank1_train)
+    monkeypatch.setenv("RANK", "1")
+    assert main(["train", "--config", "digits_cpu", "--out", str(tmp_path / "r")]) == 0
+    assert "checkpoint: None" not in capsys.readouterr().out
+    monkeypatch.setenv("RANK", "0")
+    assert main(["train", "--config", "digits_cpu", "--out", str(tmp_path / "r")]) == 0
+    assert "run directory:" in capsys.readouterr().out
+
+
 def test_zero_layer_unet_trains(tmp_path: Path) -> None:
     # n_layers = 0 is a valid official depth: no down blocks, the middle and one up block
     argv = ["train", "--config", "digits_cpu", "--set", "train.steps=1", *TINY]

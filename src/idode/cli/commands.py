@@ -65,7 +65,8 @@ def _train(args: argparse.Namespace, cfg, **kw) -> int:
         if e.checkpoint is not None:  # rank 0 of a multi-process run says it once
             print(f"idode {args.command}: {e}", file=sys.stderr, flush=True)
         return 128 + e.signum
-    _done(res)
+    if _is_main_process():  # other ranks have no checkpoint path to report
+        _done(res)
     return 0
 
 
@@ -150,9 +151,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         **{k: getattr(args, k) for k in EVAL_FLAGS},
     )
-    print(_bpd_line(result))
-    print(f"results: {Path(result['out_dir']) / 'eval.json'}")
+    if _is_main_process():  # every rank returns the result; rank 0 says it
+        print("\n".join(_eval_summary(result)))
     return 0
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a plain process."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _eval_summary(result: dict) -> list[str]:
+    """The end-of-eval lines: bits/dim, the SDE bound, NFE, wall time, solver error, the file."""
+    lines = [_bpd_line(result)]
+    elbo = result.get("elbo")
+    if elbo:
+        se = f" +- {elbo['stderr']:.4f}" if elbo.get("stderr") is not None else ""
+        lines.append(f"SDE bound (ELBO) bits/dim: {elbo['mean']:.4f}{se}")
+    nfe = result.get("nfe") or {}
+    if nfe:
+        lines.append(
+            f"NFE per image: mean {nfe['per_example_mean']:.0f} (min {nfe['per_example_min']}, "
+            f"max {nfe['per_example_max']}); wall time {result.get('wall_seconds', 0.0):.1f} s"
+        )
+    err = result.get("solver_error")
+    if err:
+        lines.append(
+            f"solver error estimate: mean {err['bpd_mean']:.2g}, max {err['bpd_max']:.2g} "
+            f"bits/dim (the solver's own local estimate)"
+        )
+    lines.append(f"results: {Path(result['out_dir']) / 'eval.json'}")
+    return lines
 
 
 def _bpd_line(result: dict) -> str:
