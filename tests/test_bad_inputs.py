@@ -813,6 +813,23 @@ def test_other_ranks_print_no_summary(
     assert "run directory:" in capsys.readouterr().out
 
 
+def test_checkpoint_folders_are_as_readable_as_the_run(run: Path) -> None:
+    (step,) = run.glob("checkpoints/step_*")
+    mode = lambda p: p.stat().st_mode & 0o777  # noqa: E731
+    assert mode(step) == mode(run / "checkpoints") == mode(run)  # all follow the umask
+    assert mode(step / "meta.json") == mode(run / "config.json")
+
+
+def test_messages_give_cli_advice_not_library_advice(
+    run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "e"
+    base = ["eval", "--checkpoint", str(run), "--out", str(out), *FAST_EVAL]
+    assert main(base) == 0
+    code, err = run_cli([*base, "--seed", "5"], capsys)
+    assert code == 2 and "--overwrite" in err and "overwrite=True" not in err, err
+
+
 def test_zero_layer_unet_trains(tmp_path: Path) -> None:
     # n_layers = 0 is a valid official depth: no down blocks, the middle and one up block
     argv = ["train", "--config", "digits_cpu", "--set", "train.steps=1", *TINY]

@@ -220,6 +220,10 @@ def save_checkpoint(
     }
     final = ckpt_root / f"step_{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{step:08d}_", dir=ckpt_root))
+    # mkdtemp makes the folder owner-only; a checkpoint is as readable as the rest of the run
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(tmp, 0o777 & ~mask)
     try:
         _write_durable(tmp / STATE_FILE, state)
         _write_durable(tmp / META_FILE, json.dumps(meta, indent=1).encode())
@@ -382,7 +386,7 @@ def _setting_hint(saved: Config, now: Config | None) -> str:
             f"the likely cause, settings that differ from the checkpoint's: {'; '.join(diff[:3])} "
             f"(use the checkpoint's values: drop those --set overrides)"
         )
-    return "build the model from the checkpoint's own config (idode.checkpoint.load_model)"
+    return "the model must be built from the checkpoint's own settings (its meta.json config)"
 
 
 def _read_state(ckpt: Path, meta: dict) -> dict[str, Tensor]:

@@ -43,8 +43,8 @@ def prepare_out_dir(out: Path, fingerprint: dict, overwrite: bool) -> str | None
         if saved != jsonable(fingerprint):
             if not isinstance(saved, dict):
                 return (
-                    f"{path} is unreadable; pick another output directory or pass "
-                    f"overwrite=True (--overwrite) to start over"
+                    f"{path} is unreadable; pick another output directory or use --overwrite "
+                    f"to start over"
                 )
             diff = sorted(k for k in {**saved, **fingerprint} if saved.get(k) != fingerprint.get(k))
             pairs = "; ".join(
@@ -52,14 +52,14 @@ def prepare_out_dir(out: Path, fingerprint: dict, overwrite: bool) -> str | None
             )
             return (
                 f"{out} holds an evaluation with other settings ({pairs}). Pick another output "
-                f"directory, or pass overwrite=True (--overwrite) to discard those results"
+                f"directory, or use --overwrite to discard those results"
             )
         return None
     if not overwrite and _example_files(out):
         return (
             f"{out} holds per-example results but no {SETTINGS_FILE}, so they cannot be trusted "
-            f"to match these settings; pick another output directory or pass overwrite=True "
-            f"(--overwrite) to discard them"
+            f"to match these settings; pick another output directory or use --overwrite to "
+            f"discard them"
         )
     for p in [out / RESULT_FILE, *_example_files(out)]:
         p.unlink(missing_ok=True)
