@@ -35,3 +35,22 @@ def test_demo_quick_writes_a_readable_report(tmp_path, capsys):
     assert set(res) == {"truncated_normal", "variational", "uniform"}
     assert all(r["bpd"]["n"] == 24 for r in res.values())
     assert res["truncated_normal"]["elbo"]["n"] == 24
+
+
+def test_demo_reuses_its_own_finished_run_and_says_so(tmp_path, capsys):
+    from idode.config import apply_overrides, get_preset
+    from idode.experiments.demo import _prepare, _timing
+
+    out = tmp_path / "demo"
+    argv = ["train", "--config", "digits_cpu", "--set", "train.steps=2", "--no-progress"]
+    assert main([*argv, "--set", "train.checkpoint_every=2", "--out", str(out)]) == 0
+    demo_cfg = lambda steps: apply_overrides(  # noqa: E731
+        get_preset("digits_cpu"), [f"train.steps={steps}", f"train.checkpoint_every={steps}"]
+    )
+    assert _prepare(out, demo_cfg(2), overwrite=False) == ("reuse", 2)
+    assert _prepare(out, demo_cfg(3), overwrite=True) == ("fresh", 0)
+    # a reused model's training time is the earlier run's, never this run's few seconds
+    assert _timing(600.0, 60.0, 660.0, "reuse", 2) == (
+        "11.0 minutes: training 10.0 min (by an earlier run of the demo), evaluation 1.0 min"
+    )
+    assert "trained by an earlier `idode demo`" in _timing(None, 60.0, 60.0, "reuse", 2)
