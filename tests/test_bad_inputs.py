@@ -712,7 +712,7 @@ def test_non_integer_step_in_meta_json_is_one_line(
     meta_path.write_text(json.dumps(meta))
     code, err = run_cli(["eval", "--checkpoint", str(copy), *FAST_EVAL], capsys)
     assert code == 2 and err.count("\n") == 1, err
-    assert "'step' is '2.5', not a non-negative integer" in err
+    assert "meta.json: step '2.5' is not an integer >= 0; use another checkpoint" in err
 
 
 def test_periodic_evaluation_rows_are_bounded_by_the_training_batch(

@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -219,11 +218,8 @@ def save_checkpoint(
         "checksums": {STATE_FILE: _sha256(state)},
     }
     final = ckpt_root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{step:08d}_", dir=ckpt_root))
-    # mkdtemp makes the folder owner-only; a checkpoint is as readable as the rest of the run
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(tmp, 0o777 & ~mask)
+    tmp = ckpt_root / f"{TMP_PREFIX}{step:08d}_{os.urandom(6).hex()}"  # not mkdtemp: umask mode
+    tmp.mkdir()
     try:
         _write_durable(tmp / STATE_FILE, state)
         _write_durable(tmp / META_FILE, json.dumps(meta, indent=1).encode())
@@ -434,12 +430,9 @@ def _read_meta(ckpt: Path) -> tuple[dict, Config]:
         cfg = config_from_dict(meta["config"])
     except (ConfigError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {ckpt} has an invalid config: {e}") from None
-    step = meta.get("step")
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise CheckpointError(
-            f"corrupt checkpoint metadata {ckpt / META_FILE}: 'step' is {step!r}, not a "
-            f"non-negative integer; take another checkpoint of the run"
-        )
+    if type(step := meta.get("step")) is not int or step < 0:  # bool, float, str: corrupt
+        bad = f"corrupt checkpoint metadata {ckpt / META_FILE}: step {step!r} is not an integer"
+        raise CheckpointError(bad + " >= 0; use another checkpoint of the run")
     return meta, cfg
 
 

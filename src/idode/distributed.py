@@ -21,6 +21,7 @@ __all__ = [
     "all_gather",
     "available_memory",
     "bar_setter",
+    "memory_line",
     "broadcast",
     "device_kind",
     "dist_env",
@@ -151,6 +152,27 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def memory_line(model, shape: tuple[int, ...], batch: int, second_order: bool, name: str) -> str:
+    """'NAME: N parameters; training needs about X GB ...' (``training_memory``), with a warning
+    when that is more than the model's device has available."""
+    need = training_memory(model, shape, batch, second_order)
+    n = sum(p.numel() for p in model.parameters())
+    dev = next(model.parameters()).device
+    gpu = dev.type == "cuda"
+    avail = torch.cuda.mem_get_info(dev)[0] if gpu else available_memory()
+    line = (
+        f"[idode] {name}: {n / 1e6:.2f}M parameters; training needs about {need / 1e9:.1f} GB "
+        f"of {'GPU ' if gpu else ''}memory per process (batch {batch} of {list(shape)}; "
+        f"evaluations during training use at most that batch)"
+    )
+    if avail is not None and need > avail:
+        line += (
+            f". idode: warning: that is more than the {avail / 1e9:.1f} GB available: lower "
+            f"train.batch_size (raise train.grad_accum) or use a *_cpu preset"
+        )
+    return line
 
 
 def progress_bar(

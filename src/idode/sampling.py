@@ -99,20 +99,17 @@ def sample_to_files(
     nfe = int(sum(nfe_per_batch))
 
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    tmp = npz_path.with_name(f".{npz_path.name}.tmp")  # complete or absent: renamed into place
-    with open(tmp, "wb") as f:
-        np.savez_compressed(
-            f,
-            samples=samples,
-            num_levels=np.int64(num_levels),
-            nfe=np.int64(nfe),
-            nfe_per_batch=np.asarray(nfe_per_batch, dtype=np.int64),
-            seed=np.int64(seed),
-            rtol=np.float64(rtol),
-            atol=np.float64(atol),
-            step=np.int64(ck.step),
-        )
-    os.replace(tmp, npz_path)
+    _write_npz_atomic(
+        npz_path,
+        samples=samples,
+        num_levels=np.int64(num_levels),
+        nfe=np.int64(nfe),
+        nfe_per_batch=np.asarray(nfe_per_batch, dtype=np.int64),
+        seed=np.int64(seed),
+        rtol=np.float64(rtol),
+        atol=np.float64(atol),
+        step=np.int64(ck.step),
+    )
     title = f"ODE samples, step {ck.step}, seed {seed} ({nfe} NFE)"
     save_image_grid(samples[:256], num_levels, png_path, title=title)
     return {
@@ -133,6 +130,14 @@ def default_sample_prefix(ck, seed: int = 0) -> Path:
     from idode.checkpoint import run_folder
 
     return run_folder(ck.path) / "samples" / f"step_{ck.step:08d}_seed{seed}"
+
+
+def _write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
+    """A compressed .npz that is complete or absent: written aside, then renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        np.savez_compressed(f, **arrays)
+    os.replace(tmp, path)
 
 
 def _check_memory(num_samples: int, shape: tuple[int, ...], dtype) -> None:

@@ -39,16 +39,7 @@ from idode.checkpoint import (
 from idode.config import Config, ConfigError, config_differences, dumps
 from idode.data import augment_batch, dataset_from_config, held_out_subset, make_loader
 from idode.dequantization import bin_centers, nats_to_bits_per_dim
-from idode.distributed import (
-    DistEnv,
-    all_gather,
-    available_memory,
-    broadcast,
-    dist_env,
-    progress_bar,
-    setup,
-    training_memory,
-)
+from idode.distributed import DistEnv, all_gather, broadcast, dist_env, progress_bar, setup
 from idode.likelihood import elbo
 from idode.losses import diffusion_loss_terms
 from idode.model import build_model
@@ -162,8 +153,7 @@ def periodic_eval(
     same seed.
     """
     env = env or DistEnv()
-    # rows per network call: at most this rank's training micro-batch, which is known to fit
-    # (an evaluation row holds no more than a training image; eval.batch_size is for idode eval)
+    # rows per call: at most the training micro-batch, known to fit (eval.batch_size: idode eval)
     per_rank = cfg.train.batch_size // (env.world_size * cfg.train.grad_accum)
     ev = replace(cfg.eval, batch_size=max(1, min(cfg.eval.batch_size, per_rank)))
     dev = next(model.parameters()).device
@@ -282,28 +272,6 @@ def _setup(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device) -> _R
         make_optimizer(model, cfg),
         gen,
     )
-
-
-def _memory_line(run: _Run) -> str:
-    """'PRESET: N parameters; about X GB of memory per process...', with a warning if it is more
-    than the device has available."""
-    t = run.cfg.train
-    per_rank = t.batch_size // (run.env.world_size * t.grad_accum)
-    need = training_memory(run.model, run.shape, per_rank, t.second_order_weight > 0)
-    n = sum(p.numel() for p in run.model.parameters())
-    gpu = run.device.type == "cuda"
-    avail = torch.cuda.mem_get_info(run.device)[0] if gpu else available_memory()
-    line = (
-        f"[idode] {run.cfg.preset}: {n / 1e6:.2f}M parameters; training needs about "
-        f"{need / 1e9:.1f} GB of {'GPU ' if gpu else ''}memory per process (batch {per_rank} of "
-        f"{list(run.shape)}; evaluations during training use at most that batch)"
-    )
-    if avail is not None and need > avail:
-        line += (
-            f". idode: warning: that is more than the {avail / 1e9:.1f} GB available: lower "
-            f"train.batch_size (raise train.grad_accum) or use a *_cpu preset"
-        )
-    return line
 
 
 def _restore(run: _Run, ck: LoadedCheckpoint, resume: bool) -> None:
@@ -456,8 +424,12 @@ def _begin(
     elif init_from is not None:
         ck = load_checkpoint(find_checkpoint(init_from))
     run = _setup(cfg, run_dir, env, device)
-    if env.is_main:
-        print(_memory_line(run), flush=True)  # before the first step: what this run needs
+    if env.is_main:  # before the first step: what this run needs
+        from idode.distributed import memory_line
+
+        t = cfg.train
+        per_rank = t.batch_size // (env.world_size * t.grad_accum)
+        print(memory_line(run.model, run.shape, per_rank, t.second_order_weight > 0, cfg.preset))
     if ck is not None:
         _restore(run, ck, resume)
     if resume and env.is_main:
@@ -496,9 +468,8 @@ def train(
     try:
         run, ck = _begin(cfg, Path(run_dir), resume, init_from, overwrite)
     except BaseException:
-        if created:  # a run that failed to start leaves no empty folder behind
-            with contextlib.suppress(OSError):
-                Path(run_dir).rmdir()
+        if created and Path(run_dir).is_dir() and not any(Path(run_dir).iterdir()):
+            Path(run_dir).rmdir()  # a run that failed to start leaves no empty folder behind
         raise
     t, env = cfg.train, run.env
     if env.is_main:
