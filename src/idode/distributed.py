@@ -142,6 +142,10 @@ def training_memory(model: torch.nn.Module, shape: tuple[int, ...], batch: int,
     return 5 * weights + int(1.5 * sum(sizes)) * batch * (3 if second_order else 1)
 
 
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.0f} MB"
+
+
 def available_memory() -> int | None:
     """Bytes of memory available to a new process (Linux MemAvailable), or None if unknown."""
     try:
@@ -163,13 +167,13 @@ def memory_line(model, shape: tuple[int, ...], batch: int, second_order: bool, n
     gpu = dev.type == "cuda"
     avail = torch.cuda.mem_get_info(dev)[0] if gpu else available_memory()
     line = (
-        f"[idode] {name}: {n / 1e6:.2f}M parameters; training needs about {need / 1e9:.1f} GB "
+        f"[idode] {name}: {n / 1e6:.2f}M parameters; training needs about {_size(need)} "
         f"of {'GPU ' if gpu else ''}memory per process (batch {batch} of {list(shape)}; "
         f"evaluations during training use at most that batch)"
     )
     if avail is not None and need > avail:
         line += (
-            f". idode: warning: that is more than the {avail / 1e9:.1f} GB available: lower "
+            f". idode: warning: that is more than the {_size(avail)} available: lower "
             f"train.batch_size (raise train.grad_accum) or use a *_cpu preset"
         )
     return line
