@@ -160,7 +160,9 @@ def _prepare(out: Path, cfg, overwrite: bool) -> tuple[str, int]:
 
     if not out.is_dir():
         return "fresh", 0
-    foreign = sorted(p.name for p in out.iterdir() if p.name not in RUN_FILES + DEMO_FILES)
+    own = RUN_FILES + DEMO_FILES + (".checkpoint.tmp",)  # and .NAME.tmp of an atomic write cut
+    tmp = {f".{n}.tmp" for n in own}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in own and p.name not in tmp)
     if foreign and not overwrite:
         raise RunFolderError(
             f"{out} holds files the demo does not write ({', '.join(foreign[:3])}"
