@@ -458,6 +458,24 @@ def test_interrupt_is_one_line(
     assert code == 130 and err == "idode: interrupted\n"
 
 
+def test_a_stopped_demo_is_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import signal
+
+    import idode.experiments.demo
+    from idode.train import TrainingStopped
+
+    def stopped(*args, **kwargs):  # SIGTERM during the demo's training (a checkpoint written)
+        raise TrainingStopped(signal.SIGTERM, 569, tmp_path / "d" / "checkpoints" / "step_569")
+
+    monkeypatch.setattr(idode.experiments.demo, "run_demo", stopped)
+    code, err = run_cli(["demo", "--out", str(tmp_path / "d")], capsys)
+    assert code == 143 and err == (
+        "idode demo: stopped at step 569 with a checkpoint; the same command continues it\n"
+    )
+
+
 def test_bugs_keep_their_traceback_and_debug_shows_all(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -220,14 +220,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from idode.experiments.demo import run_demo
+    from idode.train import TrainingStopped
 
-    run_demo(
-        args.out,
-        steps=args.steps,
-        quick=args.quick,
-        progress=not args.no_progress,
-        overwrite=args.overwrite,
-    )
+    try:
+        run_demo(
+            args.out,
+            steps=args.steps,
+            quick=args.quick,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
+    except TrainingStopped as e:  # SIGINT / SIGTERM while training: a checkpoint was written
+        print(
+            f"idode demo: stopped at step {e.step} with a checkpoint; the same command "
+            f"continues it",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 128 + e.signum
     return 0
 
 
