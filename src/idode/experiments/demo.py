@@ -139,12 +139,12 @@ def _plan(steps: int, quick: bool) -> str:
     scale = "" if quick or steps == DEMO_STEPS else f" for {DEMO_STEPS} steps"
     return (
         f"trains a {steps}-step ScoreUNet on digits, then evaluates {n} test digits three ways: "
-        f"about {minutes} minutes on 2 CPU cores{scale} (Ctrl-C stops it; a rerun with the same "
-        f"--out continues)"
+        f"about {minutes} minutes on 2 idle CPU cores{scale}, much longer on busy ones (Ctrl-C "
+        f"stops it; a rerun with the same --out continues)"
     )
 
 
-DEMO_MINUTES = "8-20"  # measured range of the whole demo on 2 cores (README)
+DEMO_MINUTES = "4"  # the whole demo on 2 idle cores (README; much longer on shared cores)
 _ELBO_SHARE = 0.05  # the SDE bound's share of the first evaluation (one network call per image)
 
 
