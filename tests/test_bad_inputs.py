@@ -715,7 +715,7 @@ def test_any_os_error_on_output_is_one_line(
     }[command]
     code, err = run_cli(argv, capsys)
     assert code == 2 and err == (
-        f"idode: error: cannot write {target}: Read-only file system; choose a path you may "
+        f"idode: error: {target}: Read-only file system; check the path, or choose one you may "
         f"write to\n"
     )
 

@@ -58,7 +58,7 @@ def user_error_message(e: BaseException, out: str | None = None) -> str | None:
         return f"{e.filename} not found: check the path"
     if type(e) in _OS_ERRORS and e.errno is not None:  # a read-only file system, a quota, ...
         where = e.filename or (f"{out} or the standard output" if out else "the output")
-        return f"cannot write {where}: {e.strerror or e}; choose a path you may write to"
+        return f"{where}: {e.strerror or e}; check the path, or choose one you may write to"
     if isinstance(
         e, ConfigError | InputError | CheckpointError | TrainingDiverged | FileNotFoundError
     ):
