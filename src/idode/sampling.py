@@ -142,12 +142,11 @@ def _write_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
 
 def _check_memory(num_samples: int, shape: tuple[int, ...], dtype) -> None:
     """One line before anything runs if the samples cannot fit in the memory available."""
+    from idode.distributed import available_memory
+
     need = num_samples * math.prod(shape) * np.dtype(dtype).itemsize
-    try:
-        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # not on this platform: no check
-        return
-    if need > free // 2:
+    free = available_memory()
+    if free is not None and need > free // 2:  # None: unknown on this platform, no check
         raise InputError(
             f"-n {num_samples} samples of {list(shape)} need {need / 1e9:.1f} GB of memory, more "
             f"than half of the {free / 1e9:.1f} GB available; draw fewer, in several runs with "
