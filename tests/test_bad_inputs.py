@@ -1,7 +1,9 @@
-"""Every user mistake gets exit code 2 and one line naming the problem and the fix (issue 8).
+"""Every user mistake gets exit code 2 and one line naming the problem and the fix (issues 8, 17).
 
-The table runs ``idode.cli.main`` in-process and reads stderr. Rows marked xfail name the part of
-issue 8 that is not done yet; they turn into failures (strict) the day they pass.
+The table runs ``idode.cli.main`` in-process and reads stderr; for every row it also checks that
+no code ran from a data or weights file and that no file under the test folder was deleted or
+changed. Rows marked xfail name a part not done yet; they turn into failures (strict) the day
+they pass.
 """
 
 from __future__ import annotations
