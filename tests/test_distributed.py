@@ -133,7 +133,7 @@ def test_ddp_replicas_stay_identical(two_ranks):
     assert [r["step"] for r in evals] == [3, 6] and "eval/ode_bpd_tn" in evals[-1]
     from idode.checkpoint import load_model
     from idode.data import load_dataset, subset
-    from idode.train import periodic_eval
+    from idode.periodic import periodic_eval
 
     ema, ck = load_model(run_dir)
     x_eval = subset(load_dataset("digits", "test"), 40, seed=0).as_tensor()

@@ -12,7 +12,7 @@ import idode
 README = Path(__file__).parents[1] / "README.md"
 QUICKSTART = [
     "python3 -m venv .venv && . .venv/bin/activate && pip install torch==2.13.0 && "
-    'pip install -e ".[test]" && idode demo',
+    'pip install -e ".[test]" && pip install --no-deps k-diffusion==0.1.1.post1 && idode demo',
     "python -m pytest -q",
 ]
 

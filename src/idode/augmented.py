@@ -15,7 +15,13 @@ import torch
 from torch import Tensor, nn
 
 from idode.dequantization import LOG_2PI
-from idode.divergence import Divergence, exact_divergence, hutchinson_divergence, sample_probes
+from idode.divergence import (
+    Divergence,
+    exact_divergence,
+    hutchinson_divergence,
+    sample_probes,
+    warn_exact_cost,
+)
 from idode.parameterization import DiffusionODE
 from idode.rng import Generators
 
@@ -65,6 +71,8 @@ def augmented_field(
     """
     kw = net_kwargs or {}
     d = math.prod(shape)
+    if divergence == "exact":
+        warn_exact_cost(d, exact_chunk_size)  # before the solve starts
 
     def field_(t: Tensor, y: Tensor, probes: Tensor | None = None) -> Tensor:
         b = y.shape[0]

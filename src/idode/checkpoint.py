@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,13 +35,11 @@ from idode.parameterization import DiffusionODE
 __all__ = [
     "CheckpointError",
     "LoadedCheckpoint",
-    "build_model",  # re-exported from idode.model
     "checkpoint_candidates",
     "find_checkpoint",
     "load_checkpoint",
     "load_model",
     "load_newest_intact",
-    "remove_partial_writes",
     "run_folder",
     "save_checkpoint",
     "step_folders",
@@ -54,7 +51,7 @@ STATE_FILE, META_FILE = "state.safetensors", "meta.json"
 OWN_FILES = frozenset({STATE_FILE, META_FILE})  # all a step folder holds when the writer made it
 TMP_PREFIX = ".tmp_step_"  # the writer's temporary folders: .tmp_step_00001000_<random>
 _STEP_DIR = re.compile(r"step_(\d{8})")
-_TMP_DIR = re.compile(re.escape(TMP_PREFIX) + r"\d{8}_\w+")
+TMP_DIR = re.compile(re.escape(TMP_PREFIX) + r"\d{8}_\w+")
 _warned: set[str] = set()  # step folders already reported as holding other files
 
 
@@ -101,23 +98,6 @@ def _foreign(folder: Path) -> list[str]:
         return sorted(p.name for p in folder.iterdir() if p.name not in OWN_FILES)
     except OSError:
         return []
-
-
-def remove_partial_writes(run_dir: str | os.PathLike) -> list[Path]:
-    """Delete the ``checkpoints/.tmp_step_*`` folders left by interrupted checkpoint writes.
-
-    Only folders named as this writer names its temporary folders are touched. Call it where no
-    other process writes checkpoints into ``run_dir`` (rank 0 at the start of a run).
-    """
-    root = Path(run_dir) / "checkpoints"
-    if not root.is_dir():
-        return []
-    gone = []
-    for p in sorted(root.iterdir()):
-        if _TMP_DIR.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
-            shutil.rmtree(p, ignore_errors=True)
-            gone.append(p)
-    return gone
 
 
 def _prune(run_dir: Path, current: int, keep: int) -> None:
@@ -219,7 +199,8 @@ def save_checkpoint(
         "checksums": {STATE_FILE: _sha256(state)},
     }
     final = ckpt_root / f"step_{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f"{TMP_PREFIX}{step:08d}_", dir=ckpt_root))
+    tmp = ckpt_root / f"{TMP_PREFIX}{step:08d}_{os.urandom(6).hex()}"  # not mkdtemp: umask mode
+    tmp.mkdir()
     try:
         _write_durable(tmp / STATE_FILE, state)
         _write_durable(tmp / META_FILE, json.dumps(meta, indent=1).encode())
@@ -383,7 +364,7 @@ def _setting_hint(saved: Config, now: Config | None) -> str:
             f"the likely cause, settings that differ from the checkpoint's: {'; '.join(diff[:3])} "
             f"(use the checkpoint's values: drop those --set overrides)"
         )
-    return "build the model from the checkpoint's own config (idode.checkpoint.load_model)"
+    return "the model must be built from the checkpoint's own settings (its meta.json config)"
 
 
 def _read_state(ckpt: Path, meta: dict) -> tuple[dict[str, Tensor], str]:
@@ -432,6 +413,9 @@ def _read_meta(ckpt: Path) -> tuple[dict, Config]:
         cfg = config_from_dict(meta["config"])
     except (ConfigError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {ckpt} has an invalid config: {e}") from None
+    if type(step := meta.get("step")) is not int or step < 0:  # bool, float, str: corrupt
+        bad = f"corrupt checkpoint metadata {ckpt / META_FILE}: step {step!r} is not an integer"
+        raise CheckpointError(bad + " >= 0; use another checkpoint of the run")
     return meta, cfg
 
 

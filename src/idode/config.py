@@ -26,7 +26,7 @@ from idode.choices import (
     Split,
 )
 from idode.protocol import Protocol
-from idode.validation import InputError, check_choice, check_device
+from idode.validation import InputError, check_choice, check_device, check_rtol
 
 __all__ = [
     "Config",
@@ -157,7 +157,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "data.eval_examples": (_POSITIVE, ">= 1"),
     "data.ode_eval_examples": (_NONNEG, ">= 0"),
     "model.n_embd": (_POSITIVE, ">= 1"),
-    "model.n_layers": (_POSITIVE, ">= 1"),
+    "model.n_layers": (_NONNEG, ">= 0 (0: the middle block and one up block)"),
     "model.dropout": (_UNIT, "in [0, 1)"),
     "model.fourier_levels": (lambda v: v >= 2, ">= 2 grey levels or None"),
     "model.mlp_hidden": (_POSITIVE, ">= 1"),
@@ -241,6 +241,7 @@ def _check_combinations(cfg: Config) -> None:
     if cfg.data.name == "folder" and not cfg.data.path:
         raise ConfigError("data.name=folder needs data.path=DIR (a folder of image files)")
     check_device(t.device, "train.device", error=ConfigError)
+    check_rtol(cfg.eval.rtol, "eval.rtol", error=ConfigError, warn_biased=False)
 
 
 # --------------------------------------------------------------------------------------------------

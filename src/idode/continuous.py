@@ -14,7 +14,8 @@ other jobs, or the number of processes.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -150,13 +151,15 @@ def iter_bits_per_dim(
     generator: Generators = None,
     net_kwargs: dict | None = None,
     stats: SolverStats | None = None,
+    progress: Callable[[float], None] | None = None,
 ) -> Iterator[list[ExampleBPD]]:
     """Yield groups of finished examples of x_int [N, ...] (validated by the caller).
 
     ``protocol``: the dequantization, K draws, divergence and tolerances of every job.
     ``batch_size``: at most this many rows per network call, refilled as rows finish, the jobs
     taken example by example; None: N rows, the jobs taken draw by draw (all first draws, then
-    all second draws, ...), like solving the K draws one after the other.
+    all second draws, ...), like solving the K draws one after the other. ``progress(e)`` is
+    told, at most twice a second, how many examples' worth of work is done (``_Progress``).
     """
     n, shape, d = x_int.shape[0], tuple(x_int.shape[1:]), x_int[0].numel()
     tols = protocol.solver_options(d)
@@ -165,10 +168,13 @@ def iter_bits_per_dim(
     )
     num_samples = protocol.num_samples
     field_ = augmented_field(model, protocol.divergence, shape, net_kwargs)
+    meter = _Progress(progress, num_samples, source, model.schedule.gamma_max)
     var = model.schedule.sigma2_max
     parts: dict[int, dict[int, tuple]] = {}
     with eval_mode(model), torch.no_grad(), first_order_input_gradients():
-        for done in solve_stream(field_, source, batch_size=batch_size or n, stats=stats, **tols):
+        rows = batch_size or n
+        for done in solve_stream(meter.wrap(field_), source, batch_size=rows, stats=stats, **tols):
+            meter.finished += len(done.keys)
             z_end = done.y[:, :d].reshape(len(done.keys), *shape)
             prior = gaussian_log_prob(z_end, var).cpu()
             delta, steps = done.y[:, d].cpu(), done.steps.cpu()
@@ -178,6 +184,33 @@ def iter_bits_per_dim(
             finished = sorted({i for i, _ in done.keys if len(parts[i]) == num_samples})
             if finished:
                 yield [_example(i, parts.pop(i), source) for i in finished]
+
+
+class _Progress:
+    """Examples' worth of work done: finished jobs plus each running row's share of its solve,
+    (gamma - gamma_start) / (gamma_max - gamma_start), over K jobs per example. Read from the
+    gammas the field is called at, at most every ``every`` seconds (one host read each)."""
+
+    every = 0.5  # seconds between reports
+
+    def __init__(self, report, k: int, source: _JobSource, gamma_max: float) -> None:
+        self.report, self.k, self.source, self.gamma_max = report, k, source, float(gamma_max)
+        self.last, self.finished = time.monotonic(), 0
+
+    def wrap(self, field_):
+        if self.report is None:
+            return field_
+
+        def observed(t: Tensor, *args):
+            now = time.monotonic()
+            if now - self.last >= self.every:
+                self.last = now
+                g0 = float(self.source.gamma_start)
+                share = ((t.double() - g0) / (self.gamma_max - g0)).clamp(0.0, 1.0).sum()
+                self.report((self.finished + float(share)) / self.k)
+            return field_(t, *args)
+
+        return observed
 
 
 def _example(i: int, draws: dict[int, tuple], source: _JobSource) -> ExampleBPD:

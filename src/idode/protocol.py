@@ -46,7 +46,7 @@ from idode.choices import (
 )
 from idode.dequantization import UNIFORM_GAMMA_START, dequantization_bounds
 from idode.rng import example_generators
-from idode.validation import InputError, check_choice
+from idode.validation import InputError, check_choice, check_rtol
 
 __all__ = [
     "ELBO_PRIORS",
@@ -235,6 +235,7 @@ def solver_tolerances(
 ) -> dict:
     """Keyword arguments of ``solve_ivp``/``solve_stream`` for a tolerance protocol."""
     check_choice("tolerance", tolerance, TOLERANCES)
+    check_rtol(rtol)  # refuses what float64 cannot deliver; warns when the result is biased
     if tolerance == "paper":
         if logp_atol is not None:
             raise ValueError('logp_atol has no effect with tolerance="paper"; drop one of them')

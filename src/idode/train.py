@@ -40,12 +40,12 @@ from idode.config import Config, ConfigError, config_differences, dumps
 from idode.data import dataset_from_config, held_out_subset
 from idode.dequantization import bin_centers, nats_to_bits_per_dim
 from idode.distributed import DistEnv, all_gather, broadcast, progress_bar, setup
-from idode.likelihood import elbo
 from idode.loader import augment_batch, make_loader
 from idode.losses import diffusion_loss_terms
 from idode.model import build_model
 from idode.parameterization import DiffusionODE
-from idode.rng import example_generators, stream_seed
+from idode.periodic import periodic_eval
+from idode.rng import stream_seed
 from idode.rundir import MetricsLog, jsonable, write_text_atomic
 from idode.runguard import StopSignals, absolute_data_paths, prepare_run_dir, trim_metrics
 
@@ -131,57 +131,6 @@ class TrainResult:
 
 
 # --------------------------------------------------------------------------------------------------
-# evaluation during training (EMA weights, the config's evaluation protocol)
-# --------------------------------------------------------------------------------------------------
-
-
-def periodic_eval(
-    model: DiffusionODE,
-    x_eval: Tensor,
-    num_levels: int,
-    cfg: Config,
-    *,
-    ode: bool,
-    step: int,
-    env: DistEnv | None = None,
-) -> dict[str, float]:
-    """SDE bound on the held-out subset; ODE bits/dim (``cfg.eval``'s protocol) on its first images.
-
-    Sharded: rank r takes images r, r + W, ...; every example draws its noise from its own
-    stream, so the numbers do not depend on W. The one collective comes after the solves. The ODE
-    numbers use the same streams as ``idode eval`` with the same seed.
-    """
-    env = env or DistEnv()
-    ev = cfg.eval
-    dev = next(model.parameters()).device
-    x = x_eval.to(dev)
-    mine = torch.arange(len(x))[env.rank :: env.world_size]
-    sde: list[Tensor] = []
-    for s in range(0, len(mine), ev.batch_size):
-        j = mine[s : s + ev.batch_size]
-        gens = example_generators(ev.seed, j, dev, purpose=f"periodic_elbo/{step}")
-        sde.append(elbo(model, x[j], num_levels, **ev.elbo_options(), generator=gens).bpd.cpu())
-    ode_bpd, ode_nfe = torch.zeros(0), torch.zeros(0)
-    j = mine[mine < min(cfg.data.ode_eval_examples, len(x))] if ode else mine[:0]
-    if len(j):  # the batch function of ``idode eval``: same protocol, same streams
-        from idode.evaluate import evaluate_stream
-
-        stream = evaluate_stream(
-            model, x, j.tolist(), dev, num_levels, ev.protocol, False, batch_size=ev.batch_size
-        )
-        rows = [row for group in stream for row in group]
-        ode_bpd = torch.tensor([r["bpd"] for r in rows], dtype=torch.float64)
-        ode_nfe = torch.tensor([float(r["nfe"]) for r in rows], dtype=torch.float64)
-    parts = all_gather((torch.cat(sde) if sde else torch.zeros(0), ode_bpd, ode_nfe), env)
-    out = {"eval/sde_bpd": float(torch.cat([p[0] for p in parts]).double().mean())}
-    if ode:
-        name = {"truncated_normal": "tn"}.get(ev.dequantization, ev.dequantization)
-        out[f"eval/ode_bpd_{name}"] = float(torch.cat([p[1] for p in parts]).mean())
-        out["eval/ode_nfe"] = float(torch.cat([p[2] for p in parts]).mean())
-    return out
-
-
-# --------------------------------------------------------------------------------------------------
 # the run: set-up, one optimizer step, checkpoints, the loop
 # --------------------------------------------------------------------------------------------------
 
@@ -226,6 +175,11 @@ def _setup(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device) -> _R
     env.barrier()
     # data: integer images; the scaling to [-1, 1] is bin_centers, in one place
     train_ds = dataset_from_config(dc, "train", max_examples=dc.max_train_examples)
+    if per_rank * env.world_size > len(train_ds):  # a batch is drawn without repeats
+        raise ConfigError(
+            f"train.batch_size={t.batch_size} is larger than the {len(train_ds)} training images "
+            f"of {train_ds.name}; use --set train.batch_size=N with N <= {len(train_ds)}"
+        )
     eval_ds = held_out_subset(dc)
     loader = make_loader(
         train_ds,
@@ -421,11 +375,28 @@ def _begin(
     elif init_from is not None:
         ck = load_checkpoint(find_checkpoint(init_from))
     run = _setup(cfg, run_dir, env, device)
+    if env.is_main:  # before the first step: what this run needs
+        from idode.distributed import memory_line
+
+        t = cfg.train
+        per_rank = t.batch_size // (env.world_size * t.grad_accum)
+        print(memory_line(run.model, run.shape, per_rank, t.second_order_weight > 0, cfg.preset))
     if ck is not None:
         _restore(run, ck, resume)
     if resume and env.is_main:
         trim_metrics(run_dir, ck.step)  # the steps after the checkpoint are redone
     return run, ck
+
+
+def _start(cfg: Config, run_dir: Path, resume: bool, init_from, overwrite: bool):
+    """``_begin``; a run that fails to start leaves no empty folder behind."""
+    created = not run_dir.exists()
+    try:
+        return _begin(cfg, run_dir, resume, init_from, overwrite)
+    except BaseException:
+        if created and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        raise
 
 
 def train(
@@ -455,7 +426,7 @@ def train(
     stored absolute.
     """
     cfg = absolute_data_paths(cfg.validate())
-    run, ck = _begin(cfg, Path(run_dir), resume, init_from, overwrite)
+    run, ck = _start(cfg, Path(run_dir), resume, init_from, overwrite)
     t, env = cfg.train, run.env
     if env.is_main:
         write_text_atomic(run.run_dir / "config.json", dumps(cfg) + "\n")

@@ -8,6 +8,7 @@ the wrong thing. Library checks of tensors keep the conventional ``TypeError`` /
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Sequence
 from typing import Any, TypeVar
 
@@ -17,6 +18,8 @@ from torch import Tensor
 __all__ = [
     "DatasetError",
     "InputError",
+    "BiasedToleranceWarning",
+    "ToleranceError",
     "check_choice",
     "check_device",
     "check_integer_data",
@@ -24,6 +27,7 @@ __all__ = [
     "check_model_input",
     "check_num_levels",
     "check_positive",
+    "check_rtol",
     "is_integer_dtype",
 ]
 
@@ -38,6 +42,39 @@ class InputError(ValueError):
 
 class DatasetError(InputError):
     """A dataset file whose content is not integer images as documented in ``idode.data``."""
+
+
+class ToleranceError(InputError):
+    """An ODE tolerance float64 cannot deliver (the solve would never finish)."""
+
+
+class BiasedToleranceWarning(UserWarning):
+    """An ODE tolerance so loose that the solver's error biases the bits/dim."""
+
+
+RTOL_MIN = 1e-13  # float64 keeps ~16 digits; a step's error test below ~1e-13 is never met
+RTOL_BIASED = 1e-2  # at and above this the solver error is a visible part of bits/dim
+
+
+def check_rtol(rtol: float, name: str = "rtol", *, error: type[Exception] = ToleranceError,
+               warn_biased: bool = True) -> float:  # fmt: skip
+    """Return ``rtol``; refuse one below ``RTOL_MIN`` (one line), warn at ``RTOL_BIASED`` and up.
+
+    The one home of this judgement: the library's likelihoods, the config and the CLI reach it.
+    """
+    if not rtol >= RTOL_MIN:
+        raise error(
+            f"{name}={rtol:g} is below {RTOL_MIN:g}, which float64 arithmetic cannot deliver (the "
+            f"solve would never finish); use {name} >= {RTOL_MIN:g} (1e-5 is the paper's)"
+        )
+    if warn_biased and rtol >= RTOL_BIASED:
+        warnings.warn(
+            f"{name}={rtol:g} >= {RTOL_BIASED:g}: the ODE solver's error biases the bits/dim; "
+            f"use 1e-5 (the paper's) or less for numbers to report",
+            BiasedToleranceWarning,
+            stacklevel=3,
+        )
+    return rtol
 
 
 def check_choice(

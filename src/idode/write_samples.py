@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch import Tensor
 
 from idode.rundir import atomic_path
+from idode.validation import InputError, check_rtol
 
 __all__ = ["sample_to_files", "save_image_grid"]
 
@@ -33,12 +33,15 @@ def sample_to_files(
     device: str = "auto",
     ema: bool = True,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Draw ``num_samples`` ODE samples; write ``{out_prefix}.npz`` and ``{out_prefix}.png``.
 
     The npz holds ``samples`` [N, C, H, W] (uint8, or int32 for more than 256 levels),
-    ``num_levels`` and ``nfe`` (total batched network evaluations). Returns the paths, the NFE and
-    the wall time.
+    ``num_levels``, ``nfe`` (total batched network evaluations) and the settings that define the
+    samples (``seed``, ``rtol``, ``atol``, ``step``); the PNG shows the first 256. Existing files
+    are refused unless ``overwrite`` (the default prefix names the seed). Returns the paths, the
+    NFE and the wall time.
     """
     from idode.checkpoint import CheckpointError, load_model
     from idode.distributed import DistEnv, resolve_device
@@ -47,6 +50,7 @@ def sample_to_files(
         raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_rtol(rtol, warn_biased=False)
     tic = time.perf_counter()
     dev = resolve_device(device, DistEnv(), key="--device")
     model, ck = load_model(checkpoint, ema=ema, device=dev)
@@ -54,16 +58,23 @@ def sample_to_files(
     if "data_shape" not in extra or "num_levels" not in extra:
         raise CheckpointError(f"checkpoint {ck.path} does not record data_shape and num_levels")
     shape, num_levels = tuple(int(s) for s in extra["data_shape"]), int(extra["num_levels"])
+    dtype = np.uint8 if num_levels <= 256 else np.int32
+    _check_memory(num_samples, shape, dtype)
+    # by default in the run folder, never inside a checkpoint folder that cleanup deletes
+    prefix = Path(out_prefix) if out_prefix is not None else default_sample_prefix(ck, seed)
+    npz_path = prefix.with_name(prefix.name + ".npz")
+    png_path = prefix.with_name(prefix.name + ".png")
+    taken = [p for p in (npz_path, png_path) if p.exists()]
+    if taken and not overwrite:
+        raise InputError(
+            f"{taken[0]} already exists (earlier samples); choose another --out PREFIX, or "
+            f"--overwrite to replace them"
+        )
     samples, nfe_per_batch = _draw(
         model, num_samples, shape, num_levels, seed, rtol, atol, batch_size, dev, progress
     )
     nfe = int(sum(nfe_per_batch))
-
-    # by default in the run folder, never inside a checkpoint folder that cleanup deletes
-    prefix = Path(out_prefix) if out_prefix is not None else default_sample_prefix(ck)
     prefix.parent.mkdir(parents=True, exist_ok=True)
-    npz_path = prefix.with_name(prefix.name + ".npz")
-    png_path = prefix.with_name(prefix.name + ".png")
     with atomic_path(npz_path) as tmp:
         np.savez_compressed(
             tmp,
@@ -71,8 +82,13 @@ def sample_to_files(
             num_levels=np.int64(num_levels),
             nfe=np.int64(nfe),
             nfe_per_batch=np.asarray(nfe_per_batch, dtype=np.int64),
+            seed=np.int64(seed),
+            rtol=np.float64(rtol),
+            atol=np.float64(atol),
+            step=np.int64(ck.step),
         )
-    save_image_grid(samples, num_levels, png_path, title=f"ODE samples, step {ck.step} ({nfe} NFE)")
+    title = f"ODE samples, step {ck.step}, seed {seed} ({nfe} NFE)"
+    save_image_grid(samples[:256], num_levels, png_path, title=title)
     return {
         "npz": npz_path,
         "png": png_path,
@@ -81,17 +97,20 @@ def sample_to_files(
         "nfe_per_batch": nfe_per_batch,
         "checkpoint": ck.path,
         "step": ck.step,
+        "seed": seed,
         "seconds": time.perf_counter() - tic,
     }
 
 
 def _draw(model, n, shape, num_levels, seed, rtol, atol, batch_size, device, progress):
     """n ODE samples [n, *shape] as integers (uint8, or int32 over 256 levels) in batches, each
-    sample from its own generator; and the NFE of each batch."""
+    sample from its own generator, kept small as they come (-n can be large); and the NFE of
+    each batch."""
     from idode.distributed import progress_bar
     from idode.ode_sampling import ode_sample
     from idode.rng import example_generators
 
+    dtype = np.uint8 if num_levels <= 256 else np.int32
     bar = progress_bar(n, "sample", enabled=progress, unit="img")
     parts, nfe_per_batch = [], []
     try:
@@ -107,22 +126,35 @@ def _draw(model, n, shape, num_levels, seed, rtol, atol, batch_size, device, pro
                 generator=example_generators(seed, idx, device, purpose="sample"),
                 device=device,
             )
-            parts.append(res.samples.cpu())
+            parts.append(res.samples.cpu().numpy().astype(dtype))
             nfe_per_batch.append(res.nfe)
             if bar is not None:
                 bar.update(len(idx))
     finally:
         if bar is not None:
             bar.close()
-    dtype = np.uint8 if num_levels <= 256 else np.int32
-    return torch.cat(parts).numpy().astype(dtype), nfe_per_batch
+    return np.concatenate(parts), nfe_per_batch
 
 
-def default_sample_prefix(ck) -> Path:
-    """RUN/samples/step_N (files step_N.npz and step_N.png) for a loaded checkpoint."""
+def default_sample_prefix(ck, seed: int = 0) -> Path:
+    """RUN/samples/step_N_seedS (files .npz and .png) for a loaded checkpoint and a seed."""
     from idode.checkpoint import run_folder
 
-    return run_folder(ck.path) / "samples" / f"step_{ck.step:08d}"
+    return run_folder(ck.path) / "samples" / f"step_{ck.step:08d}_seed{seed}"
+
+
+def _check_memory(num_samples: int, shape: tuple[int, ...], dtype) -> None:
+    """One line before anything runs if the samples cannot fit in the memory available."""
+    from idode.distributed import available_memory
+
+    need = num_samples * math.prod(shape) * np.dtype(dtype).itemsize
+    free = available_memory()
+    if free is not None and need > free // 2:  # None: unknown on this platform, no check
+        raise InputError(
+            f"-n {num_samples} samples of {list(shape)} need {need / 1e9:.1f} GB of memory, more "
+            f"than half of the {free / 1e9:.1f} GB available; draw fewer, in several runs with "
+            f"different --seed values"
+        )
 
 
 def save_image_grid(

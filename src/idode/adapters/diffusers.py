@@ -15,6 +15,7 @@ idode's VP velocity F = alpha eps - sigma x0), so every conversion uses idode's 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import warnings
@@ -26,17 +27,23 @@ from torch import Tensor, nn
 
 from idode.parameterization import DiffusionODE
 from idode.schedules import VPSchedule
-from idode.validation import check_choice
+from idode.validation import InputError, check_choice
 
 __all__ = [
     "PREDICTION_TYPES",
     "DiffusersNet",
+    "ModelFolderError",
     "check_data_shape",
     "from_diffusers",
     "gammas_from_alphas_cumprod",
     "is_model_folder",
     "load_model_folder",
 ]
+
+
+class ModelFolderError(InputError):
+    """A diffusers model folder that cannot be read as it is (missing, damaged or unsafe files)."""
+
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 PREDICTION_TYPES: dict[str, str] = {"epsilon": "eps", "v_prediction": "velocity", "sample": "x0"}
@@ -263,20 +270,23 @@ def load_model_folder(
             f"scheduler/ or in ../scheduler/; save the scheduler with "
             f"scheduler.save_pretrained(...) next to the UNet"
         )
-    ucfg = json.loads((unet_dir / "config.json").read_text())
-    scfg = json.loads(sched_file.read_text())
+    ucfg, scfg = _read_json(unet_dir / "config.json"), _read_json(sched_file)
     unet_cls = _diffusers_class(diffusers, ucfg.get("_class_name", "UNet2DModel"), "UNet")
     sched_cls = _diffusers_class(diffusers, scfg.get("_class_name", "DDPMScheduler"), "scheduler")
     if ucfg.get("num_class_embeds") is not None or ucfg.get("class_embed_type") is not None:
-        raise ValueError(
-            f"{unet_dir}: a class-conditional UNet needs class labels; evaluate it from Python "
-            f"with idode.adapters.from_diffusers and net_kwargs={{'class_labels': ...}}"
+        raise ModelFolderError(
+            f"{unet_dir}: a class-conditional UNet needs class labels, which idode eval does not "
+            f"pass; evaluate it from Python with idode.adapters.from_diffusers and "
+            f"net_kwargs={{'class_labels': ...}}"
         )
-    unet = unet_cls.from_pretrained(str(unet_dir))
-    scheduler = sched_cls.from_config(scfg)
+    unet = _load_unet(unet_cls, unet_dir)
     if device is not None:
         unet = unet.to(device)
-    model = from_diffusers(unet, scheduler)
+    try:
+        scheduler = sched_cls.from_config(scfg)
+        model = from_diffusers(unet, scheduler)
+    except (ValueError, TypeError, KeyError) as e:  # a scheduler or UNet idode cannot use
+        raise ModelFolderError(f"{root}: {' '.join(str(e).split())}") from None
     model.eval()
     size = ucfg.get("sample_size")
     if isinstance(size, int):
@@ -324,10 +334,42 @@ def check_data_shape(info: dict[str, Any], shape: tuple[int, ...] | list[int], n
         )
 
 
+def _read_json(path: Path) -> dict:
+    try:
+        obj = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFolderError(f"{path} is not readable JSON ({e}); save it again") from None
+    if not isinstance(obj, dict):
+        raise ModelFolderError(f"{path} must hold a JSON object; save it again")
+    return obj
+
+
+def _load_unet(unet_cls: Any, unet_dir: Path) -> nn.Module:
+    """The UNet from safetensors weights only: a pickled .bin could run code, so it is refused."""
+    if not any(unet_dir.glob("*.safetensors")):
+        pickled = sorted(p.name for p in unet_dir.glob("*.bin"))
+        what = f"only {pickled[0]}, a pickle (which can run code)" if pickled else "no weights"
+        raise ModelFolderError(
+            f"{unet_dir} holds {what}: idode reads UNet weights from .safetensors only; save "
+            f"the model with unet.save_pretrained(DIR) (safetensors by default) from a source "
+            f"you trust"
+        )
+    # without accelerate, diffusers warns on every load unless told not to try it
+    lean = importlib.util.find_spec("accelerate") is not None
+    try:
+        return unet_cls.from_pretrained(str(unet_dir), use_safetensors=True, low_cpu_mem_usage=lean)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        first = " ".join(str(e).split())[:200]
+        raise ModelFolderError(
+            f"the UNet weights in {unet_dir} do not load ({type(e).__name__}: {first}); the "
+            f"files are damaged or do not match config.json: save the model again"
+        ) from None
+
+
 def _diffusers_class(module: Any, name: str, what: str) -> Any:
     cls = getattr(module, str(name), None)
-    if cls is None:
-        raise ValueError(
+    if cls is None or not isinstance(cls, type):
+        raise ModelFolderError(
             f"{what} class {name!r} is not in diffusers {module.__version__}; upgrade diffusers "
             f"or check the folder's config"
         )

@@ -27,10 +27,16 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import warnings
 
 from idode.cli.parser import build_parser
 
 __all__ = ["build_parser", "main", "user_error_message"]
+
+
+# OSError itself and the subclasses a write can raise (read-only file system, a folder in the
+# way, too many open files, I/O errors); its other subclasses (timeouts, connections) are bugs
+_OS_ERRORS = (OSError, IsADirectoryError, NotADirectoryError, FileExistsError)
 
 
 def user_error_message(e: BaseException, out: str | None = None) -> str | None:
@@ -52,6 +58,9 @@ def user_error_message(e: BaseException, out: str | None = None) -> str | None:
         return f"permission denied: {e.filename or e}; choose a path you may write to"
     if isinstance(e, FileNotFoundError) and e.filename is not None:
         return f"{e.filename} not found: check the path"
+    if type(e) in _OS_ERRORS and e.errno is not None:  # a read-only file system, a quota, ...
+        where = e.filename or (f"{out} or the standard output" if out else "the output")
+        return f"{where}: {e.strerror or e}; check the path, or choose one you may write to"
     if isinstance(
         e, ConfigError | InputError | CheckpointError | TrainingDiverged | FileNotFoundError
     ):
@@ -78,11 +87,21 @@ def _quiet_stdout() -> None:
         pass
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    """A warning as one line ``idode: warning: ...`` (not Python's file:line and source)."""
+    try:
+        print(f"idode: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one ``idode`` command; exit status 0, or 2 with one line for a user error.
 
     A traceback is shown only for a bug, or for every error when IDODE_DEBUG=1.
     """
+    if argv is None:  # the command line (a caller of main(argv) keeps its own warning display)
+        warnings.showwarning = _show_warning
     args = None
     try:
         args = build_parser().parse_args(argv)

@@ -67,7 +67,8 @@ def _train(args: argparse.Namespace, cfg, **kw) -> int:
         if e.checkpoint is not None:  # rank 0 of a multi-process run says it once
             print(f"idode {args.command}: {e}", file=sys.stderr, flush=True)
         return 128 + e.signum
-    _done(res)
+    if _is_main_process():  # other ranks have no checkpoint path to report
+        _done(res)
     return 0
 
 
@@ -78,7 +79,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     _run_guards(args)
     if args.resume:
         # the settings only: train() loads and verifies the checkpoint (naming a damaged one)
-        cfg = apply_overrides(read_config(args.out)[2], args.set)
+        saved = read_config(args.out)[2]
+        cfg = apply_overrides(saved, args.set)
+        if args.config is not None:
+            _check_resume_config(_load_config(args.config, args.set), cfg)
     else:
         if args.config is None:
             raise ConfigError("--config PRESET|FILE is required (or --resume to continue --out)")
@@ -87,6 +91,23 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(dumps(cfg))
         return 0
     return _train(args, cfg)
+
+
+def _check_resume_config(given, resumed) -> None:
+    """--config with --resume: refused unless it says what the run (with --set) already is."""
+    from idode.config import ConfigError, config_differences
+    from idode.runguard import absolute_data_paths
+
+    sections = ("model", "data", "train", "eval")
+    diff = config_differences(resumed, absolute_data_paths(given), sections)
+    if (given.preset or None) != (resumed.preset or None):
+        diff.insert(0, f"preset (checkpoint {resumed.preset!r}, now {given.preset!r})")
+    if diff:
+        raise ConfigError(
+            f"--resume continues the run with its own settings, but --config differs from them: "
+            f"{diff[0]}{f' and {len(diff) - 1} more' if len(diff) > 1 else ''}; drop --config "
+            f"(and change a setting with --set KEY=VALUE)"
+        )
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
@@ -133,9 +154,39 @@ def cmd_eval(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         **{k: getattr(args, k) for k in EVAL_FLAGS},
     )
-    print(_bpd_line(result))
-    print(f"results: {Path(result['out_dir']) / 'eval.json'}")
+    if _is_main_process():  # every rank returns the result; rank 0 says it
+        print("\n".join(_eval_summary(result)))
     return 0
+
+
+def _is_main_process() -> bool:
+    """Rank 0 of a torchrun job, or a plain process."""
+    import os
+
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _eval_summary(result: dict) -> list[str]:
+    """The end-of-eval lines: bits/dim, the SDE bound, NFE, wall time, solver error, the file."""
+    lines = [_bpd_line(result)]
+    elbo = result.get("elbo")
+    if elbo:
+        se = f" +- {elbo['stderr']:.4f}" if elbo.get("stderr") is not None else ""
+        lines.append(f"SDE bound (ELBO) bits/dim: {elbo['mean']:.4f}{se}")
+    nfe = result.get("nfe") or {}
+    if nfe:
+        lines.append(
+            f"NFE per image: mean {nfe['per_example_mean']:.0f} (min {nfe['per_example_min']}, "
+            f"max {nfe['per_example_max']}); wall time {result.get('wall_seconds', 0.0):.1f} s"
+        )
+    err = result.get("solver_error")
+    if err:
+        lines.append(
+            f"solver error estimate: mean {err['bpd_mean']:.2g}, max {err['bpd_max']:.2g} "
+            f"bits/dim (the solver's own local estimate)"
+        )
+    lines.append(f"results: {Path(result['out_dir']) / 'eval.json'}")
+    return lines
 
 
 def _bpd_line(result: dict) -> str:
@@ -164,6 +215,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         device=args.device,
         progress=not args.no_progress,
+        overwrite=args.overwrite,
     )
     print(json.dumps({k: str(v) for k, v in res.items()}, indent=1))
     return 0
@@ -171,8 +223,24 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from idode.experiments.demo import run_demo
+    from idode.train import TrainingStopped
 
-    run_demo(args.out, steps=args.steps, quick=args.quick, progress=not args.no_progress)
+    try:
+        run_demo(
+            args.out,
+            steps=args.steps,
+            quick=args.quick,
+            progress=not args.no_progress,
+            overwrite=args.overwrite,
+        )
+    except TrainingStopped as e:  # SIGINT / SIGTERM while training: a checkpoint was written
+        print(
+            f"idode demo: stopped at step {e.step} with a checkpoint; the same command "
+            f"continues it",
+            file=sys.stderr,
+            flush=True,
+        )
+        return 128 + e.signum
     return 0
 
 

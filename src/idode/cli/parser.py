@@ -234,7 +234,10 @@ def _add_eval(sub) -> None:
         help="idode checkpoint or run directory, or a diffusers model folder (with --data)",
     )
     e.add_argument(
-        "--out", type=OUT_DIR, help="output directory (default: RUN/evals/step_N_SPLIT_DEQ...)"
+        "--out",
+        type=OUT_DIR,
+        help="output directory (default: RUN/evals/step_N_SPLIT_DEQ...; for a diffusers "
+        "folder ./evals/FOLDER_DATA_SPLIT_DEQ...)",
     )
     e.add_argument("--split", default="test", choices=list(SPLITS))
     _add_protocol_flags(e)
@@ -291,12 +294,15 @@ def _add_sample(sub) -> None:
     s = sub.add_parser("sample", help="ODE samples as a PNG grid and an .npz of integers")
     s.add_argument("--checkpoint", required=True)
     s.add_argument("-n", type=POSITIVE_INT, default=64, help="number of samples")
-    s.add_argument("--out", type=OUT_PREFIX, help="output prefix (default: RUN/samples/step_N)")
+    s.add_argument(
+        "--out", type=OUT_PREFIX, help="output prefix (default: RUN/samples/step_N_seedS)"
+    )
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--rtol", type=POSITIVE_FLOAT, default=1e-5)
     s.add_argument("--atol", type=POSITIVE_FLOAT, default=1e-5)
     s.add_argument("--batch-size", type=POSITIVE_INT, default=64)
     s.add_argument("--device", type=DEVICE, default="auto", help=DEVICE_HELP)
+    s.add_argument("--overwrite", action="store_true", help="replace earlier samples at --out")
     _common(s)
     s.set_defaults(fn=commands.cmd_sample)
 
@@ -315,6 +321,12 @@ def _add_demo(sub) -> None:
         help=f"training steps (default {DEMO_STEPS}; {DEMO_QUICK_STEPS} with --quick)",
     )
     d.add_argument("--quick", action="store_true", help="a ~1 minute smoke version")
+    d.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace another run (or other settings) in --out; files the demo does not write "
+        "are never deleted",
+    )
     _common(d)
     d.set_defaults(fn=commands.cmd_demo)
 

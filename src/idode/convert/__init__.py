@@ -131,8 +131,9 @@ def convert_checkpoint(
     imagenet32, imagenet32_old; see docs/models.md). ``out`` must not exist; it is written in a
     temporary sibling directory and renamed, so it is complete or absent. Returns ``out``.
     """
-    from idode.checkpoint import build_model, save_checkpoint
+    from idode.checkpoint import save_checkpoint
     from idode.config import dumps
+    from idode.model import build_model
 
     out = Path(out).expanduser()
     if out.exists():

@@ -7,6 +7,7 @@ bound, draws samples, and writes ``report.md`` with a results table and figures.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -21,52 +22,30 @@ __all__ = ["run_demo", "DEMO_STEPS", "DEMO_QUICK_STEPS"]
 
 DEMO_STEPS = 4000
 DEMO_QUICK_STEPS = 150  # --quick
+_DEQUANTIZATIONS = ("truncated_normal", "variational", "uniform")
+# everything the demo writes into --out besides a training run's own files (runguard.RUN_FILES)
+DEMO_FILES = (
+    *(f"eval_{d}" for d in _DEQUANTIZATIONS),
+    "samples.npz",
+    "samples.png",
+    "real_digits.png",
+    "learning_curves.png",
+    "bpd_by_dequantization.png",
+    "report.md",
+    "demo_results.json",
+)
 
 
-def _fmt(x: float, nd: int = 3) -> str:
-    return f"{x:.{nd}f}"
-
-
-def run_demo(
-    out: str | os.PathLike = "runs/demo",
-    *,
-    steps: int | None = None,
-    quick: bool = False,
-    progress: bool = True,
-) -> Path:
-    """Train, evaluate and report; returns the path of report.md."""
-    from idode.config import apply_overrides
-    from idode.data import load_dataset
+def _evaluate_all(ckpt: Path, out: Path, cfg, max_examples, progress: bool, fresh: bool) -> dict:
+    """Test bits/dim under each dequantization (the SDE bound with the first), with an ETA."""
     from idode.evaluate import evaluate
-    from idode.presets import get_preset
-    from idode.rundir import write_json_atomic, write_text_atomic
-    from idode.train import train
-    from idode.write_samples import sample_to_files, save_image_grid
 
-    out = Path(out)
-    t0 = time.time()
-    steps = steps or (DEMO_QUICK_STEPS if quick else DEMO_STEPS)
-    overrides = [f"train.steps={steps}", f"train.checkpoint_every={steps}"]
-    if quick:
-        overrides += ["train.eval_every=50", "model.n_embd=16", "data.eval_examples=64"]
-    cfg = apply_overrides(get_preset("digits_cpu"), overrides)
-    max_examples = 24 if quick else None  # the whole 300-image test split otherwise
-
-    print(f"[idode demo] training {cfg.preset} for {steps} steps into {out} ...", flush=True)
-    if (out / "checkpoint").exists():
-        from idode.checkpoint import load_checkpoint
-
-        done = load_checkpoint(out).step
-        res = train(cfg, out, resume=True, progress=progress) if done < steps else None
-    else:
-        res = train(cfg, out, progress=progress, overwrite=True)  # a run cut before its checkpoint
-    t_train = time.time() - t0
-    ckpt = out / "checkpoint"
-
-    results = {}
-    t1 = time.time()
-    for deq in ("truncated_normal", "variational", "uniform"):
-        print(f"[idode demo] evaluating test bits/dim, {deq} dequantization ...", flush=True)
+    results, t1 = {}, time.time()
+    for k, deq in enumerate(_DEQUANTIZATIONS):
+        if k == 1:  # the other two cost about what the first did without its SDE bound
+            left = 2 * (time.time() - t1) / (1 + _ELBO_SHARE)
+            print(f"[idode demo] about {left / 60:.0f} more minutes of evaluation", flush=True)
+        print(f"[idode demo] 2/3 test bits/dim, {deq} dequantization ...", flush=True)
         results[deq] = evaluate(
             ckpt,
             out / f"eval_{deq}",
@@ -81,22 +60,77 @@ def run_demo(
             max_examples=max_examples,
             with_elbo=deq == "truncated_normal",
             progress=progress,
+            overwrite=fresh,  # a new model: earlier results of this folder are stale
         )
+    return results
+
+
+def _fmt(x: float, nd: int = 3) -> str:
+    return f"{x:.{nd}f}"
+
+
+def run_demo(
+    out: str | os.PathLike = "runs/demo",
+    *,
+    steps: int | None = None,
+    quick: bool = False,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Train, evaluate and report; returns the path of report.md.
+
+    A rerun into the same ``out`` continues (or reuses) the demo run there. A folder that holds
+    anything else (another run, other settings, another --steps) is refused unless
+    ``overwrite``, which replaces the demo's own files and never deletes others.
+    """
+    from idode.config import apply_overrides
+    from idode.data import load_dataset
+    from idode.presets import get_preset
+    from idode.rundir import write_json_atomic, write_text_atomic
+    from idode.train import train
+    from idode.write_samples import sample_to_files, save_image_grid
+
+    out = Path(out)
+    t0 = time.time()
+    steps = steps or (DEMO_QUICK_STEPS if quick else DEMO_STEPS)
+    overrides = [f"train.steps={steps}", f"train.checkpoint_every={steps}"]
+    if quick:
+        overrides += ["train.eval_every=50", "model.n_embd=16", "data.eval_examples=64"]
+    cfg = apply_overrides(get_preset("digits_cpu"), overrides)
+    max_examples = 24 if quick else None  # the whole 300-image test split otherwise
+
+    mode, done = _prepare(out, cfg, overwrite)
+    print(f"[idode demo] {_plan(steps, quick)}", flush=True)
+    if mode == "reuse":
+        print(f"[idode demo] 1/3 reusing the {steps}-step model already trained in {out}")
+        res, t_train = None, _earlier_train_seconds(out)
+    else:
+        what = f"continuing from step {done}" if mode == "resume" else "training"
+        print(f"[idode demo] 1/3 {what} {cfg.preset} for {steps} steps into {out} ...", flush=True)
+        # fresh: an empty folder, the demo's own files, or --overwrite (only run files go)
+        res = train(cfg, out, resume=mode == "resume", progress=progress, overwrite=mode == "fresh")
+        t_train = time.time() - t0
+    ckpt = out / "checkpoint"
+
+    t1 = time.time()
+    results = _evaluate_all(ckpt, out, cfg, max_examples, progress, fresh=mode == "fresh")
     t_eval = time.time() - t1
 
-    print("[idode demo] sampling ...", flush=True)
-    samples = sample_to_files(ckpt, out / "samples", 16 if quick else 64, progress=progress)
+    print("[idode demo] 3/3 sampling and the report ...", flush=True)
+    n_samples = 16 if quick else 64
+    samples = sample_to_files(ckpt, out / "samples", n_samples, progress=progress, overwrite=True)
     test = load_dataset("digits", "test")
     save_image_grid(test.images[:64], test.num_levels, out / "real_digits.png", title="real")
 
     _figures(out, results)
-    report = _report(cfg, results, samples, t_train, t_eval, time.time() - t0, quick, out)
+    t_all = (t_train or 0.0) + time.time() - t1
+    report = _report(cfg, results, samples, t_train, t_eval, t_all, quick, out, mode, done)
     path = write_text_atomic(out / "report.md", report)
     write_json_atomic(
         out / "demo_results.json",
         {
             "results": results,
-            "train_seconds": t_train,
+            "train_seconds": t_train,  # of the run that trained the model (None: unknown)
             "eval_seconds": t_eval,
             "steps": steps,
             "quick": quick,
@@ -105,6 +139,99 @@ def run_demo(
     print(f"[idode demo] done in {time.time() - t0:.0f} s. Report: {path.resolve()}", flush=True)
     del res
     return path
+
+
+def _plan(steps: int, quick: bool) -> str:
+    """What the demo is about to do and how long it takes on 2 CPU cores (README), in one line."""
+    n, minutes = (24, "1-2") if quick else (300, DEMO_MINUTES)
+    scale = "" if quick or steps == DEMO_STEPS else f" for {DEMO_STEPS} steps"
+    return (
+        f"trains a {steps}-step ScoreUNet on digits, then evaluates {n} test digits three ways: "
+        f"about {minutes} minutes on 2 idle CPU cores{scale}, much longer on busy ones (Ctrl-C "
+        f"stops it; a rerun with the same --out continues)"
+    )
+
+
+DEMO_MINUTES = "4"  # the whole demo on 2 idle cores (README; much longer on shared cores)
+_ELBO_SHARE = 0.05  # the SDE bound's share of the first evaluation (one network call per image)
+
+
+def _prepare(out: Path, cfg, overwrite: bool) -> tuple[str, int]:
+    """'fresh', 'resume' or 'reuse' for the demo run in ``out``, and the steps already done.
+
+    Refuses (unless ``overwrite``) a folder whose run has other settings or another number of
+    steps, or that holds files the demo does not write: nothing of them is ever deleted.
+    """
+    from idode.checkpoint import CheckpointError, checkpoint_candidates, read_config
+    from idode.config import config_differences
+    from idode.runguard import RUN_FILES, RunFolderError, absolute_data_paths, earlier_run
+
+    if not out.is_dir():
+        return "fresh", 0
+    own = RUN_FILES + DEMO_FILES + (".checkpoint.tmp",)  # and .NAME.tmp of an atomic write cut
+    tmp = {f".{n}.tmp" for n in own}
+    foreign = sorted(p.name for p in out.iterdir() if p.name not in own and p.name not in tmp)
+    if foreign and not overwrite:
+        raise RunFolderError(
+            f"{out} holds files the demo does not write ({', '.join(foreign[:3])}"
+            f"{', ...' if len(foreign) > 3 else ''}); choose another --out (or pass --overwrite "
+            f"to write the demo next to them: only the demo's own files are replaced)"
+        )
+    if overwrite:
+        return "fresh", 0
+    want = absolute_data_paths(cfg)
+    if checkpoint_candidates(out):
+        try:
+            _, step, saved = read_config(out)
+        except CheckpointError as e:
+            raise RunFolderError(f"{e}; or pass --overwrite to train the demo again") from None
+        sections = ("model", "data", "train", "eval")
+        diff = config_differences(saved, want, sections)
+        if diff and not config_differences(_with_steps(saved, want.train.steps), want, sections):
+            raise RunFolderError(
+                f"{out} holds the demo trained for {saved.train.steps} steps, not "
+                f"{want.train.steps}; choose another --out, or --overwrite to train it again"
+            )
+        if saved.preset != want.preset or diff:
+            what = diff[0] if diff else f"preset {saved.preset!r}"
+            what = what.replace("checkpoint ", "that run ").replace("now ", "the demo ")
+            raise RunFolderError(
+                f"{out} holds another run ({saved.preset or 'custom'}, step {step}), not this "
+                f"demo: {what}; choose another --out, or --overwrite to replace it"
+            )
+        return ("reuse" if step >= cfg.train.steps else "resume"), step
+    found = earlier_run(out)
+    if found:  # run files without a checkpoint: the demo's own only if config.json says so
+        mine = False
+        try:
+            from idode.config import config_from_dict
+
+            saved = config_from_dict(json.loads((out / "config.json").read_text()))
+            mine = not config_differences(saved, want, ("model", "data", "train", "eval"))
+        except (OSError, ValueError, TypeError, KeyError):
+            pass
+        if not mine:
+            raise RunFolderError(
+                f"{out} already holds a run ({', '.join(found)}) that is not this demo's; choose "
+                f"another --out, or --overwrite to replace it"
+            )
+        return "fresh", 0
+    return "fresh", 0
+
+
+def _with_steps(cfg, steps: int):
+    """``cfg`` as the demo of ``steps`` steps would set it (steps and checkpoint_every)."""
+    from dataclasses import replace
+
+    return replace(cfg, train=replace(cfg.train, steps=steps, checkpoint_every=steps))
+
+
+def _earlier_train_seconds(out: Path) -> float | None:
+    """The training time an earlier demo in ``out`` recorded (None if unknown)."""
+    try:
+        return float(json.loads((out / "demo_results.json").read_text())["train_seconds"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _halfwidth(stat: dict) -> float:
@@ -196,7 +323,21 @@ def _verdict(results: dict) -> str:
         )
 
 
-def _report(cfg, results, samples, t_train, t_eval, t_all, quick, out) -> str:
+def _timing(t_train, t_eval, t_all, mode: str, done: int) -> str:
+    """The report's timing sentence; a reused or continued model says so."""
+    if t_train is None:  # reused, and the earlier demo recorded no time
+        return (
+            f"evaluation took {t_eval / 60:.1f} min; the model was trained by an earlier "
+            f"`idode demo` into the same folder"
+        )
+    note = {"reuse": " (by an earlier run of the demo)", "resume": f" (from step {done})"}
+    return (
+        f"{t_all / 60:.1f} minutes: training {t_train / 60:.1f} min{note.get(mode, '')}, "
+        f"evaluation {t_eval / 60:.1f} min"
+    )
+
+
+def _report(cfg, results, samples, t_train, t_eval, t_all, quick, out, mode, done) -> str:
     """report.md: the results table, the verdict, figures and the setting."""
     n = results["truncated_normal"]["bpd"]["n"]
     rows = _table_rows(results)
@@ -216,10 +357,8 @@ def _report(cfg, results, samples, t_train, t_eval, t_all, quick, out) -> str:
 {quick_note}
 A diffusion ODE trained for maximum likelihood on the 8x8 digits of scikit-learn (17 grey levels,
 {n} test images), evaluated through the probability-flow ODE. Everything below was produced by
-`idode demo` in {t_all / 60:.1f} minutes on {os.cpu_count()} CPU cores ({
-        platform.processor() or platform.machine()
-    }, torch {torch.__version__}): training {t_train / 60:.1f} min, evaluation
-{t_eval / 60:.1f} min.
+`idode demo` on {os.cpu_count()} CPU cores ({platform.processor() or platform.machine()}, torch
+{torch.__version__}) in {_timing(t_train, t_eval, t_all, mode, done)}.
 
 ## Results (test split, bits/dim, lower is better)
 
