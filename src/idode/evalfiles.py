@@ -44,7 +44,7 @@ __all__ = [
 SETTINGS_FILE, RESULT_FILE, EXAMPLES_FILE = "eval_settings.json", "eval.json", "per_example.jsonl"
 _ROW_KEYS = ("index", "bpd", "bpd_mean_of_bounds", "bpd_importance_weighted", "steps", "nfe")
 IDENTITY_FORMAT = 2  # 2: protocol + weights checksum + data; 1 (unversioned): paths, no data
-_FIX = "pick another output directory (--out), or pass --overwrite (overwrite=True) to discard them"
+_FIX = "pick another output directory (--out), or pass --overwrite to discard them"
 
 
 def image_hash(image: Tensor | np.ndarray) -> str:
