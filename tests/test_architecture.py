@@ -17,6 +17,7 @@ LAYERS: dict[int, set[str]] = {
         "time_sampling",
         "losses",
         "divergence",
+        "tableaus",
         "solvers",
         "dequantization",
         "likelihood",
