@@ -7,7 +7,8 @@
 | photos | 32x32x3 patches of scikit-image's bundled photographs    | 3072 | cifar10_cpu   |
 
 Each model is a run folder ``CACHE/<name>`` (default cache ``~/.cache/idode-bench``, or
-``$IDODE_BENCH_CACHE``); a folder that holds a checkpoint is kept (``--force`` retrains). The
+``$IDODE_BENCH_CACHE``); a folder whose checkpoint has the requested steps is kept, one with
+fewer (an interrupted run) is resumed (``--force`` retrains from scratch). The
 step counts are the CPU budget (tens of minutes in all on two shared cores), not convergence:
 ``--steps digits=1500,mnist=2000,photos=1500`` overrides them, and each run folder's meta.json
 records what was trained. ``photos.npz`` is written next to the runs: non-overlapping 32x32
@@ -83,15 +84,19 @@ def config_for(name: str, steps: int):
 
 
 def train_one(name: str, steps: int, force: bool) -> Path:
+    from idode.checkpoint import read_config
     from idode.train import train
 
     out = run_dir(name)
-    if (out / "checkpoint").exists() and not force:
-        print(f"{name}: cached in {out}", flush=True)
+    done = read_config(out)[1] if (out / "checkpoint").exists() and not force else None
+    if done is not None and done >= steps:
+        print(f"{name}: cached in {out} ({done} steps)", flush=True)
         return out
     t0 = time.perf_counter()
-    print(f"{name}: training {steps} steps into {out} ...", flush=True)
-    train(config_for(name, steps), out, progress=False, overwrite=True)
+    how = f"resuming at step {done}" if done is not None else "from scratch"
+    print(f"{name}: training {steps} steps into {out} ({how}) ...", flush=True)
+    train(config_for(name, steps), out, progress=False, resume=done is not None,
+          overwrite=done is None)  # fmt: skip
     print(f"{name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
     return out
 

@@ -1,0 +1,362 @@
+"""Work-precision of the likelihood solve on trained models: NFE per image against |dbpd|.
+
+For a trained model (``benchmarks/train_models.py``: digits, mnist or photos) and its first N
+test images, every row solves the same augmented ODE d(z, l)/dgamma = (h, u^T dh/dz u) from the
+same truncated-normal dequantized points with the same Rademacher probes (per-example
+generators, as ``idode.bits_per_dim`` draws them) and reports, per image: NFE (its own
+``(stages - 1) x steps + 2``), |bpd - reference|, and the solver's local estimate (the sum of
+|local error of l| over the steps, in bits/dim: what ``BPDResult.solver_error_bpd`` reports).
+
+A row is ``method/variable/controller/norm/protocol/net@tol``:
+
+- method: an embedded pair of ``idode.tableaus`` (dopri5, tsit5, bs3, vern6);
+- variable: the integration time. ``gamma`` (idode's); ``t`` (the VP time, affine in gamma
+  here, so the same solve up to rounding); ``logsigma`` (log sigma, sigma^2 = sigmoid(gamma));
+  ``edm`` (sigma/alpha = exp(gamma/2), the EDM / DDIM time). The field is multiplied by
+  dgamma/ds: the same ODE in another time;
+- controller: ``i`` (idode's) or ``pi``; norm: ``rms`` or ``max`` over z;
+- protocol: ``paper`` (one RMS over (z, l)) or ``logp`` (l's own test, logp_atol = 1e-4 bits/dim
+  x d ln 2, idode's default);
+- net: ``f32`` (the network in float32, gamma cast to float32 before the embedding, as
+  idode did), ``f32e`` (float32 network, gamma and the sinusoidal embedding in float64, cast to
+  float32 after), ``f64`` (the whole network in float64).
+
+The reference (``--ref``) is the network in float64 solved with vern6 at a tight tolerance,
+cross-checked by dopri5; the table states how far the two are apart per image.
+
+    python benchmarks/work_precision.py --model digits --images 16 \\
+        --out benchmarks/results/work_precision_digits_levers_cpu.md
+    python benchmarks/work_precision.py --model digits --profile dopri5/gamma/i/rms/paper/f32@1e-6
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import datetime
+import math
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+
+import train_models  # noqa: E402
+
+from idode.checkpoint import load_model  # noqa: E402
+from idode.continuous import _JobSource, bpd_columns  # noqa: E402
+from idode.data import dataset_from_config  # noqa: E402
+from idode.divergence import first_order_input_gradients  # noqa: E402
+from idode.likelihood import augmented_field, gaussian_log_prob, solver_tolerances  # noqa: E402
+from idode.rng import example_generators  # noqa: E402
+from idode.solvers import SolverStats, nfe_of_steps, solve_stream  # noqa: E402
+
+TARGET = 0.002  # bits/dim per image
+REF = "vern6/gamma/i/rms/logp/f64@1e-10,dopri5/gamma/i/rms/logp/f64@1e-9"
+
+
+# --------------------------------------------------------------------------------------------------
+# the same ODE in another time: gamma = g(s), d/ds = g'(s) d/dgamma
+# --------------------------------------------------------------------------------------------------
+
+
+def _vp_maps(name: str):
+    """(s(gamma), gamma(s), dgamma/ds(s)) for the VP schedule (sigma^2 = sigmoid(gamma))."""
+    if name == "gamma":
+        return (lambda g: g), (lambda s: s), (lambda s: torch.ones_like(s))
+    if name == "t":  # the VP time of gamma(t) = gamma_min + (gamma_max - gamma_min) t: affine
+        return None
+    if name == "logsigma":  # s = log sigma = -softplus(-gamma)/2; gamma = 2s - log(-expm1(2s))
+        return (
+            lambda g: -0.5 * torch.nn.functional.softplus(-g),
+            lambda s: 2 * s - torch.log(-torch.expm1(2 * s)),
+            lambda s: -2.0 / torch.expm1(2 * s),
+        )
+    if name == "edm":  # s = sigma/alpha = exp(gamma/2)
+        return (lambda g: torch.exp(0.5 * g)), (lambda s: 2 * torch.log(s)), (lambda s: 2.0 / s)
+    raise SystemExit(f"unknown variable {name!r}")
+
+
+def time_maps(name: str, schedule):
+    if name == "t":
+        g0, width = schedule.gamma_min, schedule.gamma_max - schedule.gamma_min
+        return (
+            lambda g: (g - g0) / width,
+            lambda s: g0 + width * s,
+            lambda s: torch.full_like(s, width),
+        )
+    return _vp_maps(name)
+
+
+def in_time(field, maps):
+    """The field f(gamma, y, aux) as a field in s: f(g(s), y, aux) g'(s)."""
+    _, g_of, dg = maps
+
+    def field_s(s: Tensor, y: Tensor, aux: Tensor | None = None) -> Tensor:
+        return field(g_of(s), y, aux) * dg(s)[:, None]
+
+    return field_s
+
+
+# --------------------------------------------------------------------------------------------------
+# the network's precision
+# --------------------------------------------------------------------------------------------------
+
+
+class GammaFloat64:
+    """A float32 network called with gamma in float64 (the embedding is computed in float64)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __enter__(self):
+        m = self.model
+        net = m.net
+
+        def predict(z, gamma, **kw):
+            return net(z.to(torch.float32), gamma.to(torch.float64), **kw).to(z.dtype)
+
+        m.predict = predict
+        return m
+
+    def __exit__(self, *exc) -> None:
+        del self.model.predict
+
+
+def model_for(model, net: str):
+    if net == "f64":
+        return copy.deepcopy(model).double()
+    return model
+
+
+# --------------------------------------------------------------------------------------------------
+# one row
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Spec:
+    method: str = "dopri5"
+    variable: str = "gamma"
+    controller: str = "i"
+    norm: str = "rms"
+    protocol: str = "paper"
+    net: str = "f32"
+    tol: float = 1e-5
+
+    @staticmethod
+    def parse(text: str) -> Spec:
+        body, _, tol = text.partition("@")
+        parts = body.split("/")
+        keys = ("method", "variable", "controller", "norm", "protocol", "net")
+        return Spec(**dict(zip(keys, parts, strict=False)), tol=float(tol or 1e-5))
+
+    def label(self) -> str:
+        return "/".join((self.method, self.variable, self.controller, self.norm, self.protocol,
+                         self.net))  # fmt: skip
+
+
+@dataclass
+class RowResult:
+    bpd: Tensor  # [N] float64
+    nfe: Tensor  # [N] int64
+    local: Tensor  # [N] sum |local error of l|, bits/dim
+    rows: int
+    wall: float
+    evals: list | None = None  # per call: (s [b], keys) when profiling
+
+
+def solve(fx, spec: Spec, seed: int, record: bool = False) -> RowResult:
+    """bpd of every image of the fixture under one row's solver settings (K = 1 draw)."""
+    model = model_for(fx.model, spec.net)
+    n, shape, d = fx.x.shape[0], tuple(fx.x.shape[1:]), fx.x[0].numel()
+    source = _JobSource(model, fx.x, fx.levels, "truncated_normal", 1, "rademacher", 1,
+                        example_generators(seed, range(n)), 0.0, True)  # fmt: skip
+    tols = solver_tolerances(spec.protocol, spec.tol, spec.tol, None, d)
+    maps = time_maps(spec.variable, model.schedule)
+    s_of = maps[0]
+
+    def take(m):
+        jobs = source(m)
+        if jobs is not None:
+            jobs.t0, jobs.t1 = s_of(jobs.t0), s_of(jobs.t1)
+        return jobs
+
+    stats = SolverStats()
+    out: dict[int, tuple] = {}
+    evals = [] if record else None
+    t0 = time.perf_counter()
+    ctx = GammaFloat64(model) if spec.net == "f32e" else _Null(model)
+    with ctx as m, torch.no_grad(), first_order_input_gradients():
+        m.eval()
+        field = in_time(augmented_field(m, "rademacher", shape), maps)
+        if record:
+            inner = field
+
+            def field(s, y, aux=None):  # noqa: F811
+                evals.append(s.clone())
+                return inner(s, y, aux)
+
+        for done in solve_stream(field, take, batch_size=n, stats=stats, method=spec.method,
+                                 controller=spec.controller, norm=spec.norm, **tols):  # fmt: skip
+            z_end = done.y[:, :d].reshape(len(done.keys), *shape)
+            prior = gaussian_log_prob(z_end, m.schedule.sigma2_max)
+            for j, (i, _) in enumerate(done.keys):
+                out[i] = (float(prior[j] + done.y[j, d]), int(done.steps[j]),
+                          float(done.last_error[j]))  # fmt: skip
+    wall = time.perf_counter() - t0
+    logp = torch.tensor([[out[i][0]] for i in range(n)], dtype=torch.float64)
+    meta = [source.meta[(i, 0)] for i in range(n)]
+    lq = torch.tensor([[a] for a, _ in meta], dtype=torch.float64)
+    dec = torch.tensor([[b] for _, b in meta], dtype=torch.float64)
+    elq = torch.tensor([source.expected_log_q[i] for i in range(n)], dtype=torch.float64)
+    bpd = bpd_columns(logp, dec, lq, elq, d)["bpd_mean_of_bounds"]
+    steps = torch.tensor([out[i][1] for i in range(n)])
+    local = torch.tensor([out[i][2] for i in range(n)], dtype=torch.float64) / (d * math.log(2))
+    return RowResult(bpd, nfe_of_steps(steps, spec.method), local, stats.rows, wall, evals)
+
+
+class _Null:
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __enter__(self):
+        return self.model
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+# --------------------------------------------------------------------------------------------------
+# fixtures and tables
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Fixture:
+    name: str
+    model: object
+    x: Tensor
+    levels: int
+    about: str
+
+
+def fixture(name: str, n: int) -> Fixture:
+    run = train_models.run_dir(name)
+    if not (run / "checkpoint").exists():
+        raise SystemExit(f"no trained {name} model in {run}: run benchmarks/train_models.py")
+    model, ck = load_model(run / "checkpoint")
+    ds = dataset_from_config(ck.config.data, "test")
+    x = ds.as_tensor()[:n]
+    params = sum(p.numel() for p in model.net.parameters())
+    about = (f"{name}: {ck.config.preset} config trained {ck.step} steps ({params:,} params, EMA) "
+             f"in {run}; {ds.name} test split, first {len(x)} images, d = {x[0].numel()}, "
+             f"{ds.num_levels} levels")  # fmt: skip
+    return Fixture(name, model, x, ds.num_levels, about)
+
+
+def reference(fx: Fixture, specs: list[Spec], seed: int, lines: list[str]) -> Tensor:
+    """Solves by two different methods (network in float64): their mean; their gap is stated."""
+    runs = []
+    for spec in specs:
+        r = solve(fx, spec, seed)
+        runs.append(r)
+        print(f"  reference {spec.label()} @ {spec.tol:g}: {r.nfe.float().mean():.0f} NFE/image, "
+              f"{r.wall:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
+    about = " and ".join(
+        f"{s.label()} @ {s.tol:g} ({r.nfe.float().mean():.0f} NFE/image)"
+        for s, r in zip(specs, runs, strict=True)
+    )
+    gap = (runs[0].bpd - runs[-1].bpd).abs()
+    lines += [
+        f"Reference: {about}; they differ by max {gap.max():.1e} bits/dim per image (mean "
+        f"{gap.mean():.1e}); the table compares with the first.",
+        "",
+    ]
+    return runs[0].bpd
+
+
+HEADER = [
+    "| method/variable/controller/norm/protocol/net | tol | NFE / image (mean) | NFE max | "
+    "mean abs dbpd | max abs dbpd | within 0.002 | local estimate (mean, bits/dim) |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|",
+]
+
+
+def row_line(spec: Spec, r: RowResult, ref: Tensor) -> str:
+    err = (r.bpd - ref).abs()
+    ok = int((err <= TARGET).sum())
+    nfe = f"{r.nfe.float().mean():.0f} | {int(r.nfe.max())}"
+    return (f"| {spec.label()} | {spec.tol:g} | {nfe} | {err.mean():.4f} | {err.max():.4f} "
+            f"| {ok}/{len(err)} | {r.local.mean():.4f} |")  # fmt: skip
+
+
+def profile_lines(fx: Fixture, spec: Spec, seed: int, bins: int) -> list[str]:
+    """Where the evaluations go: per image, evaluations per 1/bins of the gamma range."""
+    lines = [f"### where the NFE goes: {spec.label()} @ {spec.tol:g}", ""]
+    s = fx.model.schedule
+    edges = torch.linspace(s.gamma_min, s.gamma_max, bins + 1, dtype=torch.float64)
+    e = edges.tolist()
+    head = " | ".join(f"{a:.1f}..{b:.1f}" for a, b in zip(e[:-1], e[1:], strict=True))
+    lines += [f"| image | NFE | {head} |", "|---" * (bins + 2) + "|"]
+    g_of = time_maps(spec.variable, s)[1]
+    for i in range(len(fx.x)):
+        sub = Fixture(fx.name, fx.model, fx.x[i : i + 1], fx.levels, fx.about)
+        r = solve(sub, spec, seed, record=True)
+        g = g_of(torch.cat(r.evals).double())
+        counts = torch.histogram(g.clamp(s.gamma_min, s.gamma_max), edges).hist.long()
+        lines.append(f"| {i} | {int(r.nfe[0])} | " + " | ".join(map(str, counts.tolist())) + " |")
+    return lines + [""]
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="digits", choices=train_models.MODELS)
+    p.add_argument("--images", type=int, default=16)
+    p.add_argument("--rows", default=None, help="comma-separated specs (see the module doc)")
+    p.add_argument("--ref", default=REF, help="two specs: the reference and its cross-check")
+    p.add_argument("--profile", default=None, help="a spec: evaluations over gamma per image")
+    p.add_argument("--bins", type=int, default=9)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    fx = fixture(args.model, args.images)
+    cmd = "python benchmarks/work_precision.py " + " ".join(sys.argv[1:])
+    now = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"# Work-precision: {args.model}", "", f"`{cmd}` ({now})", "",
+             f"CPU ({platform.machine()}), torch {torch.__version__}, 1 thread; {fx.about}",
+             ""]  # fmt: skip
+    if args.profile:
+        lines += profile_lines(fx, Spec.parse(args.profile), args.seed, args.bins)
+    if args.rows:
+        ref = reference(fx, [Spec.parse(t) for t in args.ref.split(",")], args.seed, lines)
+        lines += HEADER
+        for text in args.rows.split(","):
+            spec = Spec.parse(text)
+            r = solve(fx, spec, args.seed)
+            lines.append(row_line(spec, r, ref))
+            print(lines[-1], f"({r.wall:.0f} s)", file=sys.stderr, flush=True)
+            assert r.rows == int(r.nfe.sum())  # continuous batching: no wasted row
+            _save(args.out, lines)
+    _save(args.out, lines)
+    print("\n".join(lines))
+
+
+def _save(out: str | None, lines: list[str]) -> None:
+    if out:
+        Path(out).write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
