@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
 import math
 import platform
 import sys
@@ -58,7 +59,7 @@ from idode.rng import example_generators  # noqa: E402
 from idode.solvers import SolverStats, nfe_of_steps, solve_stream  # noqa: E402
 
 TARGET = 0.002  # bits/dim per image
-REF = "vern6/gamma/i/rms/logp/f64@1e-10,dopri5/gamma/i/rms/logp/f64@1e-9"
+REF = "vern6/gamma/i/rms/logp/f64@1e-8,dopri5/gamma/i/rms/logp/f64@1e-8"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -261,25 +262,18 @@ def fixture(name: str, n: int) -> Fixture:
     return Fixture(name, model, x, ds.num_levels, about)
 
 
-def reference(fx: Fixture, specs: list[Spec], seed: int, lines: list[str]) -> Tensor:
-    """Solves by two different methods (network in float64): their mean; their gap is stated."""
-    runs = []
-    for spec in specs:
-        r = solve(fx, spec, seed)
-        runs.append(r)
-        print(f"  reference {spec.label()} @ {spec.tol:g}: {r.nfe.float().mean():.0f} NFE/image, "
-              f"{r.wall:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
+def reference_lines(specs: list[Spec], runs: list[RowResult]) -> list[str]:
+    """The reference (the first spec) and how far its cross-check is from it."""
     about = " and ".join(
         f"{s.label()} @ {s.tol:g} ({r.nfe.float().mean():.0f} NFE/image)"
         for s, r in zip(specs, runs, strict=True)
     )
     gap = (runs[0].bpd - runs[-1].bpd).abs()
-    lines += [
+    return [
         f"Reference: {about}; they differ by max {gap.max():.1e} bits/dim per image (mean "
         f"{gap.mean():.1e}); the table compares with the first.",
         "",
     ]
-    return runs[0].bpd
 
 
 HEADER = [
@@ -324,8 +318,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--profile", default=None, help="a spec: evaluations over gamma per image")
     p.add_argument("--bins", type=int, default=9)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--store", default=None,
+                   help="JSON file of per-image results: solved rows are appended, rows and "
+                        "references already in it are not solved again (several processes may "
+                        "fill their own stores; --merge names more to read)")  # fmt: skip
+    p.add_argument("--merge", default="", help="comma-separated stores to read as well")
     p.add_argument("--out", default=None)
     return p.parse_args(argv)
+
+
+def _key(spec: Spec, images: int, seed: int) -> str:
+    return f"{spec.label()}@{spec.tol:g}|{images}|{seed}"
+
+
+class Store:
+    """Per-image results by row, in JSON (bpd, nfe, local, wall), so a table can be re-rendered
+    and rows solved by several processes."""
+
+    def __init__(self, path: str | None, merge: str) -> None:
+        self.path, self.data = path, {}
+        for p in [*filter(None, merge.split(",")), path]:
+            if p and Path(p).exists():
+                self.data.update(json.loads(Path(p).read_text()))
+        self.own = json.loads(Path(path).read_text()) if path and Path(path).exists() else {}
+
+    def get(self, fx: Fixture, spec: Spec, seed: int) -> RowResult:
+        key = _key(spec, len(fx.x), seed)
+        if key not in self.data:
+            r = solve(fx, spec, seed)
+            assert r.rows == int(r.nfe.sum())  # continuous batching: no wasted row
+            row = {"bpd": r.bpd.tolist(), "nfe": r.nfe.tolist(), "local": r.local.tolist(),
+                   "wall": r.wall}  # fmt: skip
+            self.data[key] = self.own[key] = row
+            if self.path:
+                Path(self.path).write_text(json.dumps(self.own))
+        row = self.data[key]
+        f64 = torch.float64
+        return RowResult(torch.tensor(row["bpd"], dtype=f64), torch.tensor(row["nfe"]),
+                         torch.tensor(row["local"], dtype=f64), 0, row["wall"])  # fmt: skip
 
 
 def main(argv=None) -> None:
@@ -339,15 +369,21 @@ def main(argv=None) -> None:
              ""]  # fmt: skip
     if args.profile:
         lines += profile_lines(fx, Spec.parse(args.profile), args.seed, args.bins)
-    if args.rows:
-        ref = reference(fx, [Spec.parse(t) for t in args.ref.split(",")], args.seed, lines)
-        lines += HEADER
-        for text in args.rows.split(","):
-            spec = Spec.parse(text)
-            r = solve(fx, spec, args.seed)
-            lines.append(row_line(spec, r, ref))
+    store = Store(args.store, args.merge)
+    refs = [Spec.parse(t) for t in args.ref.split(",")] if args.ref else []
+    results = {}
+    for spec in refs:
+        results[spec] = r = store.get(fx, spec, args.seed)
+        print(f"  reference {spec.label()} @ {spec.tol:g}: {r.nfe.float().mean():.0f} "
+              f"NFE/image, {r.wall:.0f} s", file=sys.stderr, flush=True)  # fmt: skip
+    specs = [Spec.parse(t) for t in args.rows.split(",")] if args.rows else []
+    if refs and specs:
+        lines += reference_lines(refs, [results[s] for s in refs]) + HEADER
+    for spec in specs:
+        r = store.get(fx, spec, args.seed)
+        if refs:
+            lines.append(row_line(spec, r, results[refs[0]].bpd))
             print(lines[-1], f"({r.wall:.0f} s)", file=sys.stderr, flush=True)
-            assert r.rows == int(r.nfe.sum())  # continuous batching: no wasted row
             _save(args.out, lines)
     _save(args.out, lines)
     print("\n".join(lines))

@@ -14,6 +14,11 @@ bs3        Bogacki & Shampine (1989), Appl. Math. Lett. 2, 321-325    4       3 
 vern6      Verner's "most efficient" 6(5) pair (2010, his web page)  9       8     6(5)
 =========  ========================================================  ======  ====  ===========
 
+Caution: vern6 has nodes 0.9725, 0.9995 and 1 close together and large cancelling weights
+(sum |b| = 354, sum |e| = 207, against 1.6 and 0.11 for dopri5; tsit5: 7.6 and 1.2), so noise
+in f (a float32 network: ~1e-6 relative) reaches its solution and error estimate amplified a
+hundredfold; use it with a float64 network (benchmarks/results/work_precision_digits_*).
+
 The coefficients are the published ones (rationals where the authors give rationals); the
 tests check every pair's order of convergence and its error estimate's order on problems with
 an exact answer, which catches a wrong digit.
