@@ -307,6 +307,31 @@ def profile_lines(fx: Fixture, spec: Spec, seed: int, bins: int) -> list[str]:
     return lines + [""]
 
 
+def noise_lines(fx: Fixture, seed: int) -> list[str]:
+    """The drift's relative change over a gamma step delta, per network precision: a smooth
+    field changes ~linearly in delta; rounding noise shows as a floor at small delta."""
+    from idode.dequantization import dequantize
+
+    m, n = fx.model, min(len(fx.x), 4)
+    gens = example_generators(seed, range(n))
+    z = dequantize("truncated_normal", fx.x[:n], fx.levels, m.schedule, generator=gens).z
+    deltas = (1e-7, 1e-6, 1e-5, 1e-4)
+    lines = [f"### the field's noise in gamma ({n} images): max over images of "
+             "|h(z, g + delta) - h(z, g)| / |h(z, g)|", "",
+             "| gamma | net | " + " | ".join(f"delta = {v:g}" for v in deltas) + " |",
+             "|---|---" + "|---:" * len(deltas) + "|"]  # fmt: skip
+    for g0 in (-13.0, -8.0, -2.0, 3.0):
+        for net in ("f32", "f32e", "f64"):
+            mm = model_for(m, net)
+            with GammaFloat64(mm) if net == "f32e" else _Null(mm) as mod, torch.no_grad():
+                g = torch.full((n,), g0, dtype=torch.float64)
+                base = mod.drift(z, g)
+                rel = [((mod.drift(z, g + v) - base).flatten(1).norm(dim=1)
+                        / base.flatten(1).norm(dim=1)).max() for v in deltas]  # fmt: skip
+            lines.append(f"| {g0:g} | {net} | " + " | ".join(f"{float(r):.1e}" for r in rel) + " |")
+    return lines + [""]
+
+
 def region_lines(
     fx: Fixture, ref: Tensor, edges: list[float], loose: float, tight: float, seed: int
 ) -> list[str]:
@@ -362,6 +387,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ref", default=REF, help="specs: the reference, then its cross-checks")
     p.add_argument("--profile", default=None, help="a spec: evaluations over gamma per image")
     p.add_argument("--bins", type=int, default=9)
+    p.add_argument("--noise", action="store_true", help="the drift's rounding noise in gamma")
     p.add_argument(
         "--regions",
         default=None,
@@ -417,6 +443,8 @@ def main(argv=None) -> None:
     lines = [f"# Work-precision: {args.model}", "", f"`{cmd}` ({now})", "",
              f"CPU ({platform.machine()}), torch {torch.__version__}, 1 thread; {fx.about}",
              ""]  # fmt: skip
+    if args.noise:
+        lines += noise_lines(fx, args.seed)
     if args.profile:
         lines += profile_lines(fx, Spec.parse(args.profile), args.seed, args.bins)
     store = Store(args.store, args.merge)
