@@ -22,7 +22,7 @@ A row is ``method/variable/controller/norm/protocol/net@tol``:
   float32 after), ``f64`` (the whole network in float64).
 
 The reference (``--ref``) is the network in float64 solved with vern6 at a tight tolerance,
-cross-checked by dopri5; the table states how far the two are apart per image.
+cross-checked by dopri5 (paper protocol, 1e-9); the table states how far they are apart per image.
 
     python benchmarks/work_precision.py --model digits --images 16 \\
         --out benchmarks/results/work_precision_digits_levers_cpu.md
@@ -59,7 +59,7 @@ from idode.rng import example_generators  # noqa: E402
 from idode.solvers import SolverStats, nfe_of_steps, solve_stream  # noqa: E402
 
 TARGET = 0.002  # bits/dim per image
-REF = "vern6/gamma/i/rms/logp/f64@1e-8,dopri5/gamma/i/rms/logp/f64@1e-8"
+REF = "vern6/gamma/i/rms/logp/f64@1e-8,dopri5/gamma/i/rms/paper/f64@1e-9"
 
 
 # --------------------------------------------------------------------------------------------------
