@@ -24,6 +24,7 @@ LAYERS: dict[int, set[str]] = {
         "time_sampling",
         "losses",
         "divergence",
+        "tableaus",
         "solvers",
         "dequantization",
         "protocol",

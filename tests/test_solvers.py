@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from idode.solvers import Jobs, SolverStats, nfe_of_steps, solve_ivp, solve_stream
+from idode.tableaus import METHODS, get_pair
 
 DTYPES = [torch.float64, torch.float32]
 
@@ -162,3 +163,131 @@ def test_failure_and_bad_input_are_reported():
         solve_ivp(lambda t, y: y, torch.ones(2, 2), 0.0, 1.0, last_atol=1e-3)
     with pytest.raises(ValueError, match="batch_size"):
         next(solve_stream(lambda t, y: y, _decay_jobs([1.0]), batch_size=0))
+
+
+# --------------------------------------------------------------------------------------------------
+# the embedded pairs, the PI controller and the max norm
+# --------------------------------------------------------------------------------------------------
+
+
+def _riccati(t, y):
+    """y' = -2 t y^2, y(0) = 1: y = 1 / (1 + t^2)."""
+    return -2.0 * t * y * y
+
+
+# (f, y0, t1, exact y(t1)): scalar problems with a closed form
+_PROBLEMS = {
+    "riccati": (_riccati, 1.0, 2.0, 1.0 / 5.0),
+    "tan": (lambda t, y: 1.0 + y * y, 0.0, 1.4, math.tan(1.4)),
+}
+
+
+def _fixed_steps(pair, weights, problem: str, n: int) -> float:
+    """Error at t1 of n equal steps propagating y + h (weights . k), written from the tableau
+    alone (an independent reading of a, b, e)."""
+    f, y, t1, exact = _PROBLEMS[problem]
+    h = t1 / n
+    for i in range(n):
+        k = []
+        for s in range(pair.stages):
+            ys = y + h * sum(a * kj for a, kj in zip(pair.a[s], k, strict=True))
+            k.append(f(i * h + pair.c[s] * h, ys))
+        y = y + h * sum(w * kj for w, kj in zip(weights, k, strict=True))
+    return abs(y - exact)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_pair_orders_of_convergence(name):
+    pair = get_pair(name)
+    # consistency: c_i = sum_j a_ij, b sums to 1, the error weights to 0, the last row is b (FSAL)
+    for i, (c, row) in enumerate(zip(pair.c, pair.a, strict=True)):
+        assert len(row) == i and abs(c - sum(row)) < 1e-12
+    assert abs(sum(pair.b) - 1) < 1e-14 and abs(sum(pair.e)) < 1e-14
+    assert pair.a[-1] == pair.b[:-1] and pair.c[-1] == 1.0
+    # halving h divides the error by 2^order (b), and by 2^error_order propagating b - e; the
+    # step counts are where each pair is asymptotic and above float64 rounding
+    low = [b - e for b, e in zip(pair.b, pair.e, strict=True)]
+    problem, n = {"bs3": ("tan", 128), "dopri5": ("riccati", 64), "tsit5": ("riccati", 64),
+                  "vern6": ("tan", 64)}[name]  # fmt: skip
+    for weights, order in ((pair.b, pair.order), (low, pair.error_order)):
+        e1, e2 = (_fixed_steps(pair, weights, problem, m) for m in (n, 2 * n))
+        assert abs(math.log2(e1 / e2) - order) < 0.5, (order, math.log2(e1 / e2))
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_error_estimate_of_one_step_has_the_embedded_order(name):
+    # a step's error estimate h (e . k) ~ C h^(error_order + 1)
+    pair = get_pair(name)
+
+    def one_step_estimate(h):
+        k = []
+        for s in range(pair.stages):
+            ys = 1.0 + h * sum(a * kj for a, kj in zip(pair.a[s], k, strict=True))
+            k.append(_riccati(0.3 + pair.c[s] * h, ys))
+        return abs(h * sum(e * kj for e, kj in zip(pair.e, k, strict=True)))
+
+    h = 0.025 if name == "vern6" else 0.1  # asymptotic from there on
+    r = one_step_estimate(h) / one_step_estimate(h / 2)
+    assert abs(math.log2(r) - (pair.error_order + 1)) < 0.35
+
+
+@pytest.mark.parametrize("name", METHODS)
+@pytest.mark.parametrize("controller", ["i", "pi"])
+def test_every_pair_and_controller_reaches_the_exact_answer(name, controller):
+    y0 = torch.tensor([[1.0], [0.5]], dtype=torch.float64)
+    t1 = 3.0
+    tol = 1e-8
+
+    def f(t, y):
+        return -2.0 * t[:, None] * y * y
+
+    res = solve_ivp(f, y0, 0.0, t1, rtol=tol, atol=tol, method=name, controller=controller)
+    exact = y0 / (1.0 + y0 * t1 * t1)
+    torch.testing.assert_close(res.y, exact, rtol=0, atol=200 * tol)
+    assert res.rows == int(res.nfe_per_example.sum())
+    per_step = get_pair(name).evaluations_per_step
+    assert res.nfe_per_example.tolist() == [per_step * int(s) + 2 for s in res.steps]
+    assert res.nfe_per_example.tolist() == [nfe_of_steps(int(s), name) for s in res.steps]
+
+
+def test_pi_controller_same_answer_and_fewer_rejections_on_an_oscillation():
+    # y' = A y with a lightly damped rotation: an I controller oscillates between accepting and
+    # rejecting; the PI controller (same tolerances) smooths the step sizes
+    w = 20.0
+
+    def f(t, y):
+        return torch.stack([-0.1 * y[:, 0] + w * y[:, 1], -w * y[:, 0] - 0.1 * y[:, 1]], 1)
+
+    y0 = torch.tensor([[1.0, 0.0]], dtype=torch.float64)
+    t1 = 5.0
+    exact = math.exp(-0.1 * t1) * torch.tensor([[math.cos(w * t1), -math.sin(w * t1)]])
+    for tol in (1e-6, 1e-9):
+        i_ctl = solve_ivp(f, y0, 0.0, t1, rtol=tol, atol=tol)
+        pi_ctl = solve_ivp(f, y0, 0.0, t1, rtol=tol, atol=tol, controller="pi")
+        for res in (i_ctl, pi_ctl):
+            torch.testing.assert_close(res.y, exact.double(), rtol=0, atol=1e3 * tol)
+        # same accuracy class: the two answers agree to the tolerance's order
+        assert float((i_ctl.y - pi_ctl.y).abs().max()) < 1e3 * tol
+        assert int(pi_ctl.steps[0]) <= 1.15 * int(i_ctl.steps[0])
+
+
+def test_max_norm_is_stricter_than_rms():
+    # one component moves, 99 sit still: the RMS divides its error by 10, the max norm does not
+    y0 = torch.cat([torch.ones(1, 1), torch.zeros(1, 99)], 1).double()
+
+    def f(t, y):
+        return torch.cat([torch.cos(5 * t)[:, None], torch.zeros_like(y[:, 1:])], 1)
+
+    rms = solve_ivp(f, y0, 0.0, 4.0, rtol=1e-6, atol=1e-6)
+    mx = solve_ivp(f, y0, 0.0, 4.0, rtol=1e-6, atol=1e-6, norm="max")
+    exact = 1.0 + math.sin(20.0) / 5.0
+    assert abs(float(mx.y[0, 0]) - exact) < abs(float(rms.y[0, 0]) - exact)
+    assert int(mx.steps[0]) > int(rms.steps[0])
+
+
+def test_unknown_method_controller_norm_are_refused():
+    y0 = torch.ones(1, 1, dtype=torch.float64)
+    for kw, name in (({"method": "rk4"}, "method"), ({"controller": "pid"}, "controller"),
+                     ({"norm": "l1"}, "norm")):  # fmt: skip
+        with pytest.raises(ValueError, match=f"unknown {name}"):
+            solve_ivp(lambda t, y: -y, y0, 0.0, 1.0, **kw)

@@ -8,6 +8,12 @@ err / (atol + rtol max(|y0|, |y1|)), accept when < 1, dt *= clip(0.9 ratio^(-1/5
 the Hairer-Wanner initial step (two evaluations). A row's trajectory therefore does not depend on
 its batch-mates.
 
+Options (keywords; the defaults are the behaviour above): ``method`` another FSAL embedded pair of
+``idode.tableaus`` (tsit5, bs3, vern6); ``controller="pi"`` the PI step-size controller
+(Gustafsson; as Hairer's dopri5.f: dt *= 0.9 ratio^(-0.85/q) ratio_prev^(0.2/q) after an accepted
+step, q = embedded order + 1; after a rejection as the I controller); ``norm="max"`` the largest
+component's ratio instead of the RMS.
+
 ``solve_stream`` runs a serving loop: rows sit in different phases of their own solve (the two
 starting evaluations, then the six new stages of each FSAL step), so every call of f evaluates one
 point of every running row, and when a row's solve ends its row is handed to the next job. The
@@ -24,13 +30,19 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Hashable, Iterator
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from idode.choices import SOLVER_METHODS, SolverMethod
+from idode.tableaus import METHODS, MethodName, Pair, get_pair
 
 __all__ = [
+    "CONTROLLERS",
+    "Controller",
+    "ERROR_NORMS",
+    "ErrorNorm",
     "SOLVER_METHODS",
     "SolverMethod",
     "Finished",
@@ -43,31 +55,26 @@ __all__ = [
 ]
 
 VectorField = Callable[..., Tensor]
-# the embedded Runge-Kutta pairs a solve can use (``Protocol.method``); a new pair adds its name
+# SOLVER_METHODS: the pairs an evaluation protocol may name (``Protocol.method``; dopri5 only so
+# far: continuous batching counts NFE per step as dopri5's); METHODS: every pair solve_ivp and
+# solve_stream can run (idode.tableaus), for the work-precision benchmark
 
-# Dormand-Prince 5(4) tableau (as torchode / scipy RK45): nodes, stages, 5th-order weights, error.
-_C = (0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0)
-_A = (
-    (),
-    (1 / 5,),
-    (3 / 40, 9 / 40),
-    (44 / 45, -56 / 15, 32 / 9),
-    (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
-    (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
-    (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84),
-)
-_B = (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0)
-_B_LOW = (1951 / 21600, 0.0, 22642 / 50085, 451 / 720, -12231 / 42400, 649 / 6300, 1 / 60)
-_SAFETY, _FACTOR_MIN, _FACTOR_MAX, _ORDER = 0.9, 0.2, 10.0, 5
+Controller = Literal["i", "pi"]
+CONTROLLERS: tuple[str, ...] = get_args(Controller)
+ErrorNorm = Literal["rms", "max"]
+ERROR_NORMS: tuple[str, ...] = get_args(ErrorNorm)
+_SAFETY, _FACTOR_MIN, _FACTOR_MAX = 0.9, 0.2, 10.0
+_PI_BETA1, _PI_BETA2 = 0.85, 0.2  # PI gains x q: Hairer's dopri5.f (beta = 0.04, alpha = 0.17)
 # phases of a row: 0 = f(t0, y0); 1 = f at the Euler probe of the initial-step selection;
-# 2..7 = stages 1..6 of a Dopri5 step (stage 0 is the FSAL value of the previous step)
-_FIRST_STAGE, _LAST = 2, 7
+# 2..s = stages 1..s-1 of a step (stage 0 is the FSAL value of the previous step)
+_FIRST_STAGE = 2
 _RUNNING, _DONE, _FAILED = 0, 1, 2
 
 
-def nfe_of_steps(steps: Tensor | int) -> Tensor | int:
-    """Evaluations one solve needs alone: 6 per Dopri5 step (FSAL), attempted or rejected, + 2."""
-    return 6 * steps + 2
+def nfe_of_steps(steps: Tensor | int, method: MethodName = "dopri5") -> Tensor | int:
+    """Evaluations one solve needs alone: per attempted step (accepted or rejected) the pair's
+    stages - 1 (FSAL; 6 for Dopri5), + 2 for the initial-step selection."""
+    return get_pair(method).evaluations_per_step * steps + 2
 
 
 @dataclass
@@ -79,11 +86,12 @@ class SolveResult:
     steps: Tensor  # [B] attempted steps per row (accepted + rejected)
     last_error: Tensor  # [B] sum over accepted steps of |local error estimate| of the last comp.
     rows: int  # rows evaluated over all calls (= nfe_per_example.sum())
+    method: str = "dopri5"  # the embedded pair
 
     @property
     def nfe_per_example(self) -> Tensor:
-        """Evaluations a row needed alone: ``nfe_of_steps(steps)``."""
-        return nfe_of_steps(self.steps)
+        """Evaluations a row needed alone: ``nfe_of_steps(steps, method)``."""
+        return nfe_of_steps(self.steps, self.method)
 
 
 @dataclass
@@ -119,18 +127,23 @@ class SolverStats:
 
 
 class _Tableau:
-    def __init__(self, dtype: torch.dtype, device: torch.device) -> None:
-        w = torch.zeros(8, 7, dtype=torch.float64)
+    """A pair's weights per phase: the input of phase p is y + dt (w[p] . k) at t + nodes[p] dt."""
+
+    def __init__(self, pair: Pair, dtype: torch.dtype, device: torch.device) -> None:
+        s = pair.stages
+        w = torch.zeros(s + 1, s, dtype=torch.float64)
         w[1, 0] = 1.0  # the Euler probe y0 + dt0 f0
-        for i in range(1, 7):
-            w[i + 1, :i] = torch.tensor(_A[i], dtype=torch.float64)
-        nodes = torch.tensor((0.0, 1.0, *_C[1:]), dtype=torch.float64)
-        slots = torch.tensor((0, 1, 1, 2, 3, 4, 5, 6))
-        b = torch.tensor(_B, dtype=torch.float64)
-        b_err = b - torch.tensor(_B_LOW, dtype=torch.float64)
+        for i in range(1, s):
+            w[i + 1, :i] = torch.tensor(pair.a[i], dtype=torch.float64)
+        nodes = torch.tensor((0.0, 1.0, *pair.c[1:]), dtype=torch.float64)
+        slots = torch.tensor((0, 1, *range(1, s)))
+        b = torch.tensor(pair.b, dtype=torch.float64)
+        b_err = torch.tensor(pair.e, dtype=torch.float64)
         kw = dict(dtype=dtype, device=device)
         self.w, self.nodes = w.to(**kw), nodes.to(**kw)
         self.slots, self.b, self.b_err = slots.to(device), b.to(**kw), b_err.to(**kw)
+        self.stages, self.last = s, s  # the phase that ends a step
+        self.exponent = 1.0 / (pair.error_order + 1)
 
 
 def _check_tolerances(rtol, atol, last_rtol, last_atol) -> None:
@@ -145,16 +158,18 @@ def _check_tolerances(rtol, atol, last_rtol, last_atol) -> None:
 
 
 class _Norm:
-    """The error ratio: RMS of err/scale, or max(RMS over all but the last, last's own test)."""
+    """The error ratio: RMS (or max) of err/scale, or max(that over all but the last, last's
+    own test)."""
 
-    def __init__(self, rtol, atol, last_rtol, last_atol) -> None:
+    def __init__(self, rtol, atol, last_rtol, last_atol, kind: str = "rms") -> None:
         self.rtol, self.atol, self.last_rtol, self.last_atol = rtol, atol, last_rtol, last_atol
+        self.reduce = _rms if kind == "rms" else _max_abs
 
     def __call__(self, err: Tensor, ref: Tensor) -> Tensor:
         """err, ref [b, n] -> [b]; ref = max(|y0|, |y1|) (or |y0| for the initial step)."""
         if self.last_atol is None:
-            return _rms(err / (self.atol + self.rtol * ref))
-        body = _rms(err[:, :-1] / (self.atol + self.rtol * ref[:, :-1]))
+            return self.reduce(err / (self.atol + self.rtol * ref))
+        body = self.reduce(err[:, :-1] / (self.atol + self.rtol * ref[:, :-1]))
         last = err[:, -1].abs() / (self.last_atol + self.last_rtol * ref[:, -1])
         return torch.maximum(body, last)
 
@@ -163,10 +178,14 @@ def _rms(x: Tensor) -> Tensor:
     return torch.linalg.vector_norm(x / math.sqrt(x.shape[1]), ord=2, dim=1)  # as torchode
 
 
+def _max_abs(x: Tensor) -> Tensor:
+    return x.abs().amax(dim=1)
+
+
 class _Rows:
     """The per-row solver state of the running batch (all on the device)."""
 
-    def __init__(self, jobs: Jobs) -> None:
+    def __init__(self, jobs: Jobs, stages: int) -> None:
         m, n = jobs.y0.shape
         dev, dt_ = jobs.y0.device, jobs.y0.dtype
         self.keys = list(jobs.keys)
@@ -174,14 +193,15 @@ class _Rows:
         self.t = jobs.t0.to(dev, dt_).clone()
         self.t1 = jobs.t1.to(dev, dt_).clone()
         self.dt = torch.zeros(m, dtype=dt_, device=dev)
-        self.k = torch.zeros(7, m, n, dtype=dt_, device=dev)
+        self.k = torch.zeros(stages, m, n, dtype=dt_, device=dev)
         self.phase = torch.zeros(m, dtype=torch.long, device=dev)
         self.steps = torch.zeros(m, dtype=torch.long, device=dev)
         self.err = torch.zeros(m, dtype=dt_, device=dev)
+        self.prev = torch.ones(m, dtype=dt_, device=dev)  # last accepted error ratio (PI)
         self.aux = None if jobs.aux is None else jobs.aux.clone()
         self.host_phase = [0] * m  # phases advance deterministically: the host mirrors them
 
-    _TENSORS = ("y", "t", "t1", "dt", "phase", "steps", "err", "aux")
+    _TENSORS = ("y", "t", "t1", "dt", "phase", "steps", "err", "prev", "aux")
 
     def select(self, keep: list[int]) -> None:
         idx = torch.tensor(keep, dtype=torch.long, device=self.y.device)
@@ -201,13 +221,14 @@ class _Rows:
         self.t1[idx] = jobs.t1.to(self.t)
         for name in ("dt", "phase", "steps", "err"):
             getattr(self, name)[idx] = 0
+        self.prev[idx] = 1
         if self.aux is not None:
             self.aux[idx] = jobs.aux
         for s, key in zip(slots, jobs.keys, strict=True):
             self.keys[s], self.host_phase[s] = key, 0
 
     def append(self, jobs: Jobs) -> None:
-        new = _Rows(jobs)
+        new = _Rows(jobs, self.k.shape[0])
         for name in self._TENSORS:
             v = getattr(self, name)
             if v is not None:
@@ -218,7 +239,7 @@ class _Rows:
 
 
 def _advance(
-    r: _Rows, out: Tensor, tab: _Tableau, norm: _Norm, max_steps: int, starting: bool
+    r: _Rows, out: Tensor, tab: _Tableau, norm: _Norm, max_steps: int, starting: bool, pi: bool
 ) -> Tensor:
     """Store f's output, finish the phases that end here; the rows' status [b] (int8).
 
@@ -229,17 +250,22 @@ def _advance(
     direction = torch.sign(r.t1 - r.t)
     dt = r.dt
     if starting:
-        dt = _initial_step(r, norm, direction)
-    # phase 7 done: a Dopri5 step, accepted or rejected
+        dt = _initial_step(r, norm, direction, tab.exponent)
+    # the last phase done: a step, accepted or rejected
     y1 = r.y + torch.einsum("b,s,sbn->bn", r.dt, tab.b, r.k)
     err = torch.einsum("b,s,sbn->bn", r.dt, tab.b_err, r.k)
     ratio = torch.clamp(norm(err, torch.maximum(r.y.abs(), y1.abs())), min=1e-38)
-    factor = torch.clamp(_SAFETY * ratio ** (-1.0 / _ORDER), _FACTOR_MIN, _FACTOR_MAX)
-    stepping = ph == _LAST
+    factor = _SAFETY * ratio ** (-tab.exponent)
+    stepping = ph == tab.last
     accept = stepping & (ratio < 1.0)
+    if pi:  # accepted: the PI law; rejected: the I law (factor < 0.9 then)
+        gain = ratio ** (-_PI_BETA1 * tab.exponent) * r.prev ** (_PI_BETA2 * tab.exponent)
+        factor = torch.where(accept, _SAFETY * gain, factor)
+        r.prev = torch.where(accept, torch.clamp(ratio, min=1e-4), r.prev)
+    factor = torch.clamp(factor, _FACTOR_MIN, _FACTOR_MAX)
     t_new = torch.where(accept, r.t + r.dt, r.t)
     r.y = torch.where(accept[:, None], y1, r.y)
-    r.k[0] = torch.where(accept[:, None], r.k[6], r.k[0])  # FSAL
+    r.k[0] = torch.where(accept[:, None], r.k[tab.stages - 1], r.k[0])  # FSAL
     r.err = torch.where(accept, r.err + err[:, -1].abs(), r.err)
     r.steps = r.steps + stepping.long()
     running = direction * (t_new - r.t1) < 0
@@ -247,13 +273,13 @@ def _advance(
     lo, hi = torch.minimum(t_new, r.t1) - t_new, torch.maximum(t_new, r.t1) - t_new
     r.dt = torch.minimum(torch.maximum(dt, lo), hi)  # never step past t1
     r.t = t_new
-    r.phase = torch.where(ph == _LAST, torch.full_like(ph, _FIRST_STAGE), ph + 1)
+    r.phase = torch.where(ph == tab.last, torch.full_like(ph, _FIRST_STAGE), ph + 1)
     bad = stepping & (~torch.isfinite(ratio) | (r.steps >= max_steps) & running)
     status = torch.where(stepping & ~running, _DONE, _RUNNING)
     return torch.where(bad, _FAILED, status).to(torch.int8)
 
 
-def _initial_step(r: _Rows, norm: _Norm, direction: Tensor) -> Tensor:
+def _initial_step(r: _Rows, norm: _Norm, direction: Tensor, exponent: float) -> Tensor:
     """dt after phases 0 and 1 (Hairer-Wanner II.4 as torchode / scipy); other rows keep theirs."""
     # phase 0 done: first guess dt0 from |y0| and |f0|
     ref0 = r.y.abs()
@@ -264,9 +290,7 @@ def _initial_step(r: _Rows, norm: _Norm, direction: Tensor) -> Tensor:
     h0 = r.dt.abs()
     d2 = torch.where(h0 == 0, torch.inf, norm(r.k[1] - r.k[0], ref0) / h0)
     dmax = torch.maximum(d1, d2)
-    dt1 = torch.where(
-        dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** (1.0 / _ORDER)
-    )
+    dt1 = torch.where(dmax <= 1e-15, torch.clamp(h0 * 1e-3, min=1e-6), (0.01 / dmax) ** exponent)
     dt_init = direction * torch.minimum(100 * h0, dt1)
     dt = torch.where(r.phase == 0, direction * dt0, r.dt)
     return torch.where(r.phase == 1, dt_init, dt)
@@ -283,25 +307,30 @@ def solve_stream(
     last_atol: float | None = None,
     max_steps: int = 100_000,
     stats: SolverStats | None = None,
+    method: MethodName = "dopri5",
+    controller: Controller = "i",
+    norm: ErrorNorm = "rms",
 ) -> Iterator[Finished]:
     """Solve a stream of jobs with at most ``batch_size`` rows per call of f, refilling rows.
 
     ``take(m)`` returns 1..m new jobs (``Jobs``), or None when there are no more; it is called
     whenever rows are free. f is called as f(t [b], y [b, n]) or, when the jobs carry ``aux``,
     f(t, y, aux [b, ...]). Yields ``Finished`` groups as rows end; a row's result does not
-    depend on which jobs share its calls.
+    depend on which jobs share its calls. ``method`` / ``controller`` / ``norm``: see the module
+    doc (``METHODS``, ``CONTROLLERS``, ``ERROR_NORMS``).
     """
     _check_tolerances(rtol, atol, last_rtol, last_atol)
+    _check_options(method, controller, norm)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
     stats = stats if stats is not None else SolverStats()
-    norm = _Norm(rtol, atol, last_rtol, last_atol)
+    norm_ = _Norm(rtol, atol, last_rtol, last_atol, norm)
     source = _Source(take)
     first = source(batch_size)
     if first is None:
         return
-    tab = _Tableau(first.y0.dtype, first.y0.device)
-    rows = _Rows(first)
+    tab = _Tableau(get_pair(method), first.y0.dtype, first.y0.device)
+    rows = _Rows(first, tab.stages)
     while len(rows.keys) < batch_size and (more := source(batch_size - len(rows.keys))):
         rows.append(more)
     while rows.keys:
@@ -320,9 +349,11 @@ def solve_stream(
         if stats.record_history:
             stats.history.append(b)
         starting = any(p < _FIRST_STAGE for p in rows.host_phase)
-        status = _advance(rows, out.to(rows.y.dtype), tab, norm, max_steps, starting)
-        could_end = any(p == _LAST for p in rows.host_phase)
-        rows.host_phase = [_FIRST_STAGE if p == _LAST else p + 1 for p in rows.host_phase]
+        pi = controller == "pi"
+        status = _advance(rows, out.to(rows.y.dtype), tab, norm_, max_steps, starting, pi)
+        last = tab.last
+        could_end = any(p == last for p in rows.host_phase)
+        rows.host_phase = [_FIRST_STAGE if p == last else p + 1 for p in rows.host_phase]
         if not could_end:
             continue
         flags = status.tolist()  # the one host read of this call
@@ -345,6 +376,16 @@ def solve_stream(
         if free:  # no job left for these rows: drop them, so no call evaluates an idle row
             gone = set(free)
             rows.select([i for i in range(len(rows.keys)) if i not in gone])
+
+
+def _check_options(method, controller, norm) -> None:
+    for name, value, valid in (
+        ("method", method, METHODS),
+        ("controller", controller, CONTROLLERS),
+        ("norm", norm, ERROR_NORMS),
+    ):
+        if value not in valid:
+            raise ValueError(f"unknown {name} {value!r}; valid: {', '.join(valid)}")
 
 
 class _Source:
@@ -400,8 +441,11 @@ def solve_ivp(
     last_atol: float | None = None,
     max_steps: int = 100_000,
     aux: Tensor | None = None,
+    method: MethodName = "dopri5",
+    controller: Controller = "i",
+    norm: ErrorNorm = "rms",
 ) -> SolveResult:
-    """Integrate dy/dt = f(t, y) from t0 to t1 with adaptive Dormand-Prince, one control per row.
+    """Integrate dy/dt = f(t, y) from t0 to t1 with an adaptive embedded pair, one control per row.
 
     Args:
         f: vector field; called with t [b] (y's dtype) and y [b, n] for the b rows still running
@@ -410,6 +454,8 @@ def solve_ivp(
         t0, t1: start and end times, scalars or [B].
         rtol, atol: per-row tolerances on the RMS norm of the local error.
         last_rtol, last_atol: a separate test for the last component (see the module doc).
+        method, controller, norm: the pair (default Dormand-Prince 5(4)), "i" or "pi" step-size
+            control, "rms" or "max" over components (see the module doc).
     """
     if y0.ndim != 2:
         raise ValueError(f"y0 must be [B, n], got shape {tuple(y0.shape)}")
@@ -433,7 +479,12 @@ def solve_ivp(
         last_atol=last_atol,
         max_steps=max_steps,
         stats=stats,
+        method=method,
+        controller=controller,
+        norm=norm,
     ):
         idx = torch.tensor(done.keys, dtype=torch.long, device=y0.device)
         y[idx], steps[idx], err[idx] = done.y, done.steps, done.last_error
-    return SolveResult(y=y, nfe=stats.calls, steps=steps, last_error=err, rows=stats.rows)
+    return SolveResult(
+        y=y, nfe=stats.calls, steps=steps, last_error=err, rows=stats.rows, method=method
+    )

