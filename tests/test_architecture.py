@@ -10,7 +10,7 @@ import pathlib
 import idode
 
 LAYERS: dict[int, set[str]] = {
-    0: {"rng", "validation", "stats"},  # leaf helpers: torch/numpy only
+    0: {"rng", "validation", "stats", "precision"},  # leaf helpers: torch/numpy only
     1: {  # the method's math
         "schedules",
         "parameterization",

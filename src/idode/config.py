@@ -21,6 +21,7 @@ from idode.divergence import ProbeKind
 from idode.likelihood import Divergence, Tolerance
 from idode.nets import NetKind
 from idode.parameterization import Parameterization
+from idode.precision import Precision
 from idode.schedules import ScheduleName
 from idode.validation import InputError, check_choice, check_device
 
@@ -40,9 +41,6 @@ __all__ = [
 
 class ConfigError(InputError):
     """A bad config value, an unknown key or an unknown preset."""
-
-
-Precision = Literal["fp32", "bf16"]
 
 
 @dataclass(frozen=True)
@@ -83,6 +81,11 @@ class ModelConfig:
     #                          at every width, set by `idode convert` for official checkpoints)
     net_gamma_min: float | None = None  # UNet's gamma input range when it differs from the
     net_gamma_max: float | None = None  # schedule's (VDM: learned ends); None: gamma_min/max
+    precision: Precision = "fp32"  # the network's arithmetic in training and evaluation: fp32 |
+    #                                tf32 (CUDA tensor cores) | bf16 (autocast); the ODE state
+    #                                and log-densities stay float64 (idode.precision)
+    compile: bool = False  # torch.compile the network (training and the likelihood's forward +
+    #                        VJP; the solver stays eager; a compile failure falls back to eager)
 
 
 @dataclass(frozen=True)
@@ -104,8 +107,6 @@ class TrainConfig:
     antithetic: bool = True  # stratified times within each rank's batch (§3.4)
     second_order_weight: float = 0.0  # lambda_2 of the second-order term (0.1 to finetune, §5)
     hutchinson: ProbeKind = "rademacher"  # second-order probe: rademacher | gaussian
-    precision: Precision = "fp32"  # fp32 | bf16 (autocast, GPU only)
-    compile: bool = False  # torch.compile the network
     seed: int = 1  # seed of weights, data order and all training noise
     log_every: int = 50  # steps between metric lines (JSONL, TensorBoard)
     eval_every: int = 5_000  # steps between SDE-bound evaluations (0: never)
@@ -200,7 +201,7 @@ def _check_section(section: str, obj: Any) -> None:
             if value == "fp16":
                 raise ConfigError(
                     f"{key}='fp16' is not supported: the second-order term and the likelihood "
-                    "weights overflow in fp16; use 'bf16' (GPU) or 'fp32'"
+                    "weights overflow in fp16; use 'bf16', 'tf32' or 'fp32'"
                 )
             check_choice(key, value, args, error=ConfigError)
             continue
@@ -260,10 +261,31 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
+# keys that moved: old "section.key" -> new "section.key" (config.json files and --set keep working)
+RENAMED_KEYS: dict[str, str] = {
+    "train.precision": "model.precision",
+    "train.compile": "model.compile",
+}
+
+
+def _migrate(d: dict) -> dict:
+    """``d`` with every renamed key moved to its new place (the new key wins if both are set)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
+    for old, new in RENAMED_KEYS.items():
+        (osec, oname), (nsec, nname) = old.split("."), new.split(".")
+        if isinstance(out.get(osec), dict) and oname in out[osec]:
+            value = out[osec].pop(oname)
+            target = out.setdefault(nsec, {})
+            if isinstance(target, dict):
+                target.setdefault(nname, value)
+    return out
+
+
 def config_from_dict(d: dict) -> Config:
     """Rebuild a Config from its dict, refusing unknown keys (a typo must not pass silently)."""
     if not isinstance(d, dict):
         raise ConfigError(f"a config must be a JSON object, got {type(d).__name__}")
+    d = _migrate(d)
     kwargs: dict[str, Any] = {}
     top = {f.name: f for f in fields(Config)}
     for key, value in d.items():
@@ -328,7 +350,7 @@ def apply_overrides(cfg: Config, overrides: list[str] | None) -> Config:
         if "=" not in item:
             raise ConfigError(f"--set expects key=value, got {item!r} (e.g. train.steps=1000)")
         key, raw = item.split("=", 1)
-        key = key.strip()
+        key = RENAMED_KEYS.get(key.strip(), key.strip())
         if "." not in key:
             raise ConfigError(
                 f"--set key {key!r} needs a section: one of {', '.join(sections)} "
