@@ -93,8 +93,11 @@ def memory_lines(args, dev) -> list[str]:
         )
     if args.full_cifar:
         first, med = forward_vjp(FULL.build(dev), FULL.shape, 2, dev, 1)
-        lines += ["", f"Eager forward + VJP of the full cifar10 ScoreUNet on this CPU, 2 rows: "
-                  f"first {fmt_s(first)}, then {fmt_s(med)} ({fmt_s(med / 2)} per row)."]  # fmt: skip
+        lines += [
+            "",
+            f"Eager forward + VJP of the full cifar10 ScoreUNet on this CPU, 2 rows: first "
+            f"{fmt_s(first)}, then {fmt_s(med)} ({fmt_s(med / 2)} per row).",
+        ]
     return lines
 
 

@@ -126,7 +126,8 @@ def correctness(s: Suite) -> list[str]:
     ckpt, ema, secs = train_digits(s)
     cpu_model, ck = load_model(ckpt, device="cpu")
     same = all(
-        torch.equal(p.detach().cpu(), q) for p, q in zip(ema.parameters(), cpu_model.parameters())
+        torch.equal(p.detach().cpu(), q)
+        for p, q in zip(ema.parameters(), cpu_model.parameters(), strict=True)
     )
     lines = [f"Trained digits_cpu for {a.train_steps} steps on {dev} in {secs:.1f} s; its "
              f"checkpoint loads on the CPU with {'identical' if same else 'DIFFERENT'} weights.",
@@ -188,12 +189,13 @@ def torchrun(s: Suite) -> list[str]:
     if s.dev.type != "cuda" and not a.tiny:
         return ["skipped: needs CUDA"]
     run = s.out / "torchrun_run"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"),
-                                                         os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    path = os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
     base = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1"]
     n = 5 if a.tiny else 20
     sets = [f"train.steps={n}", f"train.checkpoint_every={n}", "train.eval_every=0",
-            "train.ode_eval_every=0", f"train.device={a.device}", "train.batch_size=32"]  # fmt: skip
+            "train.ode_eval_every=0", f"train.device={a.device}",
+            "train.batch_size=32"]  # fmt: skip
     if a.tiny:
         sets += ["model.n_embd=8", "model.n_layers=1"]
     cmd = [*base, "-m", "idode", "train", "--config", "digits_cpu", "--out", str(run),
@@ -305,7 +307,8 @@ def projection(s: Suite) -> list[str]:
             "",
             f"{len(x)} smoothed random {'x'.join(map(str, spec.shape))} images, untrained net "
             f"without Fourier features ({spec.params():,} parameters), continuous batching at "
-            f"{a.proj_batch} rows, rtol = atol = {a.proj_rtol:g} (logp): {wall:.1f} s, NFE/img {nfe:.0f}, "
+            f"{a.proj_batch} rows, rtol = atol = {a.proj_rtol:g} (logp): {wall:.1f} s, "
+            f"NFE/img {nfe:.0f}, "
             f"{res.rows} rows; one forward + VJP row alone {fmt_s(fwd_vjp)}; time outside the "
             f"network (wall - rows x row time) {outside:.1f} s ({outside / wall:.1%}).",
             "",
@@ -367,7 +370,8 @@ def parse_args(argv=None):
                compile_batch=256, proj_images=256, proj_batch=256, train_batch=128,
                projection_precisions=("bf16", "fp32"), backend="inductor",
                compile_precisions=("fp32", "bf16"), proj_rtol=1e-5)  # fmt: skip
-    tiny = dict(train_steps=10, proj_rtol=1e-3, images=4, rtol=1e-4, reps=1, batches=(2, 4), compile_batch=2,
+    tiny = dict(train_steps=10, proj_rtol=1e-3, images=4, rtol=1e-4, reps=1, batches=(2, 4),
+                compile_batch=2,
                 proj_images=2, proj_batch=2, train_batch=2, projection_precisions=("fp32",),
                 backend="eager", compile_precisions=("fp32",))  # fmt: skip
     for k, v in (tiny if args.tiny else big).items():

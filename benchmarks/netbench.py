@@ -87,7 +87,7 @@ class NetSpec:
 
 
 def field_inputs(shape, batch: int, device: torch.device, seed: int = 0):
-    """(t [B], y [B, d + 1], probes [B, ...]) of likelihood-like rows: z in [-1, 1], gamma spread."""
+    """(t [B], y [B, d + 1], probes [B, ...]): likelihood-like rows, z in [-1, 1], gamma spread."""
     g = torch.Generator().manual_seed(seed)
     z = torch.rand(batch, *shape, generator=g, dtype=torch.float64) * 2 - 1
     t = torch.linspace(-13.0, 4.0, batch, dtype=torch.float64)
