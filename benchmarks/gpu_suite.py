@@ -48,6 +48,7 @@ from idode.config import apply_overrides, get_preset  # noqa: E402
 from idode.data import load_dataset  # noqa: E402
 from idode.dequantization import dequantize  # noqa: E402
 from idode.divergence import sample_probes  # noqa: E402
+from idode.loader import ImageLoader  # noqa: E402
 from idode.rng import example_generators  # noqa: E402
 from idode.solvers import nfe_of_steps  # noqa: E402
 from idode.train import train  # noqa: E402
@@ -134,6 +135,12 @@ def correctness(s: Suite) -> list[str]:
              ""]  # fmt: skip
     if not same:
         s.failed.append("correctness: checkpoint weights differ after loading on the CPU")
+    loader = ImageLoader(torch.zeros(8, 1, 2, 2), 4, shuffle=True, seed=0, drop_last=True,
+                         pin_memory=dev.type == "cuda")  # fmt: skip
+    pinned = next(iter(loader)).is_pinned()
+    lines[0] += f" Training batches {'are' if pinned else 'are not'} in pinned memory."
+    if dev.type == "cuda" and not pinned:
+        s.failed.append("correctness: training batches are not pinned on CUDA")
     ds = load_dataset("digits", "test")
     x = ds.as_tensor()[: a.images]
     n, d, shape = len(x), x[0].numel(), tuple(x.shape[1:])

@@ -231,6 +231,7 @@ def _setup(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device) -> _R
         rank=env.rank,
         world_size=env.world_size,
         infinite=True,
+        pin_memory=device.type == "cuda",  # the step's .to(device, non_blocking=True) overlaps
     )
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(cfg, train_ds.shape, train_ds.num_levels).to(device)
