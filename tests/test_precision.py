@@ -188,3 +188,15 @@ def test_build_model_takes_the_config_settings_and_overrides():
     assert (m.precision, m.net_compile) == ("bf16", False)
     m = build_model(cfg, (1, 8, 8), 17, precision="fp32", compile=True)
     assert (m.precision, m.net_compile) == ("fp32", True)
+
+
+def test_eval_records_a_non_default_precision_in_its_settings(tmp_path):
+    from idode.evaluate import evaluate
+
+    kw = dict(max_examples=2, rtol=1e-3, atol=1e-3, with_elbo=False, progress=False)
+    bf = evaluate(FIXTURE, tmp_path / "bf16", precision="bf16", **kw)
+    fp = evaluate(FIXTURE, tmp_path / "fp32", **kw)
+    assert bf["settings"]["precision"] == "bf16" and "precision" not in fp["settings"]
+    assert bf["bpd"]["mean"] != fp["bpd"]["mean"]
+    with pytest.raises(ConfigError, match="precision"):
+        evaluate(FIXTURE, tmp_path / "bad", precision="fp16", **kw)

@@ -52,6 +52,7 @@ from idode.evalfiles import (
     read_per_example,
 )
 from idode.likelihood import Divergence, Tolerance, elbo
+from idode.precision import PRECISIONS, Precision
 from idode.rng import example_generators
 from idode.rundir import (
     append_jsonl,
@@ -111,7 +112,8 @@ def _check_arguments(split: str, max_examples: int | None, flags: dict[str, Any]
     replace(Config(), eval=replace(EvalConfig(), **given)).validate()
 
 
-def _load(checkpoint, ema: bool, device: str, split: str, data_root, max_examples, data, overrides):
+def _load(checkpoint, ema: bool, device: str, split: str, data_root, max_examples, data, overrides,
+          net: dict | None = None):  # fmt: skip
     """(env, device, model, checkpoint record, dataset), the dataset checked against the model.
 
     ``checkpoint`` may also be a diffusers model folder (``idode.adapters``); it names no dataset,
@@ -123,7 +125,8 @@ def _load(checkpoint, ema: bool, device: str, split: str, data_root, max_example
     if is_model_folder(checkpoint):
         model, ck = _load_model_folder(checkpoint, dev, data, overrides)
     else:
-        model, ck = load_model(find_checkpoint(checkpoint).resolve(), ema=ema, device=dev)
+        path = find_checkpoint(checkpoint).resolve()
+        model, ck = load_model(path, ema=ema, device=dev, **(net or {}))
         data_cfg = _eval_data_config(ck.config.data, data, overrides)
         if data_root is not None and data_cfg.name == "npz":
             data_cfg = replace(data_cfg, path=None)  # --data-root FILE.npz replaces data.path
@@ -256,6 +259,8 @@ def evaluate(
     device: str = "auto",
     progress: bool = True,
     overwrite: bool = False,
+    compile: bool | None = None,
+    precision: Precision | None = None,
 ) -> dict[str, Any]:
     """ODE bits/dim (and the SDE bound) of every example of ``split``; returns eval.json's content.
 
@@ -266,6 +271,8 @@ def evaluate(
     settings fingerprint and eval.json go (default ``default_eval_dir``); rerunning into the same
     out_dir resumes. max_examples: only the first N examples of the split. overwrite: discard
     earlier results in out_dir instead of resuming (needed when the settings changed).
+    compile / precision: the network's torch.compile and arithmetic (None: the checkpoint's
+    model.compile / model.precision; see benchmarks/results/compile_precision_cpu.md).
     """
     t0 = time.perf_counter()
     flags = dict(dequantization=dequantization, num_samples=num_samples,
@@ -273,12 +280,17 @@ def evaluate(
                  atol=atol, batch_size=batch_size, seed=seed, tolerance=tolerance,
                  logp_atol=logp_atol)  # fmt: skip
     _check_arguments(split, max_examples, flags)
+    if precision is not None:
+        check_choice("precision", precision, PRECISIONS, error=ConfigError)
+    net = dict(compile=compile, precision=precision)
     env, dev, model, ck, ds = _load(
-        checkpoint, ema, device, split, data_root, max_examples, data, overrides
+        checkpoint, ema, device, split, data_root, max_examples, data, overrides, net
     )
     ev, source = resolve_settings(ck.config, **flags)
     out = Path(out_dir) if out_dir is not None else default_eval_dir(ck, split, ev)
     fingerprint = _fingerprint(ck, ema, split, ev, with_elbo, dev)
+    if getattr(model, "precision", "fp32") != "fp32":  # absent for fp32: older folders resume
+        fingerprint["precision"] = model.precision
     # rank 0 checks (or starts) the output directory; every rank raises its verdict together
     err = prepare_out_dir(out, fingerprint, overwrite) if env.is_main else None
     err = broadcast(err, env)

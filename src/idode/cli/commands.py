@@ -74,6 +74,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from idode.config import ConfigError, apply_overrides, dumps
 
     _run_guards(args)
+    if args.compile:
+        args.set = [*(args.set or []), "model.compile=true"]
     if args.resume:
         # the settings only: train() loads and verifies the checkpoint (naming a damaged one)
         cfg = apply_overrides(read_config(args.out)[2], args.set)
@@ -128,6 +130,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        compile=args.compile,
+        precision=args.precision,
         **{k: getattr(args, k) for k in EVAL_FLAGS},
     )
     print(_bpd_line(result))
