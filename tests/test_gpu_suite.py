@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
-SECTIONS = ("correctness", "torchrun", "throughput", "projection", "training")
+SECTIONS = ("correctness", "torchrun", "throughput", "projection", "training", "compiled")
 
 
 def _suite():
@@ -36,10 +36,11 @@ def test_tiny_suite_writes_every_table_on_the_cpu(tmp_path):
     assert "| cpu fp32 |" in correctness and "| cpu fp32 compiled |" in correctness
     assert "| cpu bf16 |" in correctness and "skipped: TF32 needs CUDA" in correctness
     assert "| idode train (1 rank) | ok" in (tmp_path / "torchrun.md").read_text()
-    throughput = (tmp_path / "throughput.md").read_text()
-    assert "| 2 | fp32 | compiled |" in throughput and "| 4 | bf16 | eager |" in throughput
+    assert "| 4 | bf16 | eager |" in (tmp_path / "throughput.md").read_text()
+    assert "| 2 | fp32 | compiled |" in (tmp_path / "compiled.md").read_text()
     assert "skipped: time budget" not in summary
-    assert "paper protocol" in (tmp_path / "projection.md").read_text()
+    projection = (tmp_path / "projection.md").read_text()
+    assert "paper protocol" in projection and "| fp32 | 200 |" in projection
     training = (tmp_path / "training.md").read_text()
     assert (
         "| first-order | fp32 |" in training
