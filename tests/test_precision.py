@@ -16,6 +16,7 @@ from torch import nn
 import idode
 from idode.checkpoint import load_model
 from idode.config import ConfigError, apply_overrides, config_from_dict, config_to_dict, get_preset
+from idode.divergence import first_order_input_gradients
 from idode.likelihood import augmented_field
 from idode.model import build_model
 from idode.parameterization import DiffusionODE
@@ -135,10 +136,11 @@ def test_compiled_forward_and_vjp_equal_eager_to_float32_rounding():
     u = torch.randint(0, 2, (8, 6)).double() * 2 - 1
     y = torch.cat([z, torch.zeros(8, 1, dtype=torch.float64)], 1)
     eager, compiled = _model(), _model(compile=True)
-    with torch.no_grad():
+    with torch.no_grad(), first_order_input_gradients():  # as the likelihood calls it
         a = augmented_field(eager, "rademacher", (6,))(t, y, u)
         b = augmented_field(compiled, "rademacher", (6,))(t, y, u)
     assert compiled.net_compile and compiled._compiled is not None  # it did compile
+    assert all(p.requires_grad for p in compiled.parameters())  # frozen only during the call
     torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
     assert set(compiled.state_dict()) == set(eager.state_dict())  # no "_compiled." keys
     twin = copy.deepcopy(compiled)  # the EMA copy: the compiled wrapper is rebuilt, not copied

@@ -15,13 +15,15 @@ evaluate (no cancellation between the two terms of E1).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
+from idode.divergence import first_order_only
 from idode.precision import PRECISIONS, Precision, precision_scope
 from idode.schedules import Schedule
 from idode.validation import check_choice  # re-exported: its home moved to validation
@@ -105,7 +107,8 @@ class DiffusionODE(nn.Module):
             if self._compiled is None:  # a plain attribute: no "_compiled." keys in state_dict
                 object.__setattr__(self, "_compiled", torch.compile(self.net))
             try:
-                return self._compiled(z, gamma, **net_kwargs)
+                with self._frozen_for_vjp():
+                    return self._compiled(z, gamma, **net_kwargs)
             except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to eager
                 out = self.net(z, gamma, **net_kwargs)  # a genuine input error raises here
                 self.net_compile, self._compiled = False, None
@@ -116,6 +119,22 @@ class DiffusionODE(nn.Module):
                     stacklevel=3,
                 )
                 return out
+
+    @contextlib.contextmanager
+    def _frozen_for_vjp(self) -> Iterator[None]:
+        """Inside the likelihood (``first_order_only``) no parameter gradient is ever asked for:
+        a compiled backward would compute them anyway (eager autograd prunes them), so the
+        compiled network sees its parameters frozen there (restored after the call)."""
+        params = []
+        if first_order_only() and torch.is_grad_enabled() and isinstance(self.net, nn.Module):
+            params = [p for p in self.net.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
     @property
     def net_dtype(self) -> torch.dtype | None:
