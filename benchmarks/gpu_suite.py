@@ -253,7 +253,7 @@ def _cell(s: Suite, fn, min_left: float = 20.0) -> str | float:
         return "skipped: time budget"
     try:
         return fn()
-    except torch.OutOfMemoryError:
+    except torch.cuda.OutOfMemoryError:
         torch.cuda.empty_cache()
         return "out of memory"
 
