@@ -271,8 +271,9 @@ def evaluate(
     settings fingerprint and eval.json go (default ``default_eval_dir``); rerunning into the same
     out_dir resumes. max_examples: only the first N examples of the split. overwrite: discard
     earlier results in out_dir instead of resuming (needed when the settings changed).
-    compile / precision: the network's torch.compile and arithmetic (None: the checkpoint's
-    model.compile / model.precision; see benchmarks/results/compile_precision_cpu.md).
+    compile: torch.compile the network (None: the checkpoint's model.compile). precision: the
+    network's arithmetic, fp32 unless given: bf16 moves a digit's bits/dim by ~0.02
+    (benchmarks/results/compile_precision_cpu.md), whatever the model was trained in.
     """
     t0 = time.perf_counter()
     flags = dict(dequantization=dequantization, num_samples=num_samples,
@@ -282,7 +283,7 @@ def evaluate(
     _check_arguments(split, max_examples, flags)
     if precision is not None:
         check_choice("precision", precision, PRECISIONS, error=ConfigError)
-    net = dict(compile=compile, precision=precision)
+    net = dict(compile=compile, precision=precision or "fp32")  # reported numbers: fp32
     env, dev, model, ck, ds = _load(
         checkpoint, ema, device, split, data_root, max_examples, data, overrides, net
     )

@@ -236,6 +236,7 @@ def _setup(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device) -> _R
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(cfg, train_ds.shape, train_ds.num_levels).to(device)
     ema = copy.deepcopy(model).eval()
+    ema.precision = "fp32"  # its bits/dim: bf16 would move them by ~0.02 (README, precision)
     for p in ema.parameters():
         p.requires_grad_(False)
     gen = torch.Generator(device=device)
