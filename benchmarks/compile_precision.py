@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import platform
 import signal
 import sys
@@ -70,8 +71,10 @@ def compile_lines(args, dev) -> list[str]:
         fc = forward_vjp(comp, spec.shape, rows, dev, args.reps)
         a, b = field_output(eager, spec.shape, rows, dev), field_output(comp, spec.shape, rows, dev)
         rel = float((a - b).abs().max() / a.abs().max())
-        te = train_step(spec.build(dev), spec.shape, train_rows, dev, args.reps)
-        tc = train_step(spec.build(dev, compile="true"), spec.shape, train_rows, dev, args.reps)
+        te = tc = (math.nan, math.nan)
+        if not args.field_only:
+            te = train_step(spec.build(dev), spec.shape, train_rows, dev, args.reps)
+            tc = train_step(spec.build(dev, compile="true"), spec.shape, train_rows, dev, args.reps)
         lines.append(
             f"| {name} {spec.shape} | {spec.params():,} | {rows} | {fmt_s(fe[0])} / "
             f"{fmt_s(fe[1])} | {fmt_s(fc[0])} / {fmt_s(fc[1])} | {fe[1] / fc[1]:.2f}x | "
@@ -194,6 +197,7 @@ def parse_args(argv=None):
     p.add_argument("--full-cifar", action="store_true", help="time the 30.6M UNet eagerly")
     p.add_argument("--skip", default="", help="sections to skip: compile,memory,precision")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--field-only", action="store_true", help="compile: no training step")
     p.add_argument("--max-seconds", type=int, default=600, help="stop a solve after this long")
     p.add_argument(
         "--protocols",
