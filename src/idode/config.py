@@ -81,9 +81,9 @@ class ModelConfig:
     #                          at every width, set by `idode convert` for official checkpoints)
     net_gamma_min: float | None = None  # UNet's gamma input range when it differs from the
     net_gamma_max: float | None = None  # schedule's (VDM: learned ends); None: gamma_min/max
-    precision: Precision = "fp32"  # the network's arithmetic in training and evaluation: fp32 |
-    #                                tf32 (CUDA tensor cores) | bf16 (autocast); the ODE state
-    #                                and log-densities stay float64 (idode.precision)
+    precision: Precision = "fp32"  # the network's arithmetic in the training step: fp32 | tf32
+    #                                (CUDA tensor cores) | bf16 (autocast); reported bits/dim
+    #                                use fp32 (idode eval --precision); state stays float64
     compile: bool = False  # torch.compile the network (training and the likelihood's forward +
     #                        VJP; the solver stays eager; a compile failure falls back to eager)
 
