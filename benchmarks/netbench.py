@@ -6,7 +6,9 @@ when the network is compiled) is reported apart from the median of the rest.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import statistics
 import time
 from collections.abc import Callable
@@ -24,6 +26,29 @@ from idode.model import build_model
 from idode.nets import count_parameters, first_order_input_gradients
 from idode.nets.unet import lecun_normal_
 from idode.rng import example_generators
+
+
+class Stopped(Exception):
+    """A measurement that ran past its time limit."""
+
+
+@contextlib.contextmanager
+def time_limit(seconds: float):
+    """Raise ``Stopped`` in the main thread after ``seconds`` (<= 0: no limit)."""
+    if seconds <= 0:
+        yield
+        return
+
+    def stop(*_):
+        raise Stopped
+
+    old = signal.signal(signal.SIGALRM, stop)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
 
 
 def synchronize(device: torch.device) -> None:
