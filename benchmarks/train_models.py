@@ -73,7 +73,8 @@ def photos_npz() -> Path:
 
 
 def config_for(name: str, steps: int):
-    from idode.config import apply_overrides, get_preset
+    from idode.config import apply_overrides
+    from idode.presets import get_preset
 
     preset, extra = RECIPES[name]
     over = [*extra, f"train.steps={steps}", f"train.eval_every={steps}"]

@@ -50,11 +50,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))
 
 import train_models  # noqa: E402
 
+from idode.augmented import augmented_field, gaussian_log_prob  # noqa: E402
 from idode.checkpoint import load_model  # noqa: E402
 from idode.continuous import _JobSource, bpd_columns  # noqa: E402
 from idode.data import dataset_from_config  # noqa: E402
 from idode.divergence import first_order_input_gradients  # noqa: E402
-from idode.likelihood import augmented_field, gaussian_log_prob, solver_tolerances  # noqa: E402
+from idode.protocol import solver_tolerances  # noqa: E402
 from idode.rng import example_generators  # noqa: E402
 from idode.solvers import SolverStats, nfe_of_steps, solve_stream  # noqa: E402
 

@@ -17,7 +17,7 @@ import pytest
 import idode
 
 LAYERS: dict[int, set[str]] = {
-    0: {"rng", "validation", "stats", "choices"},  # leaf helpers: torch/numpy only
+    0: {"rng", "validation", "stats", "choices", "precision"},  # leaf helpers: torch/numpy only
     1: {  # the method's math
         "schedules",
         "parameterization",

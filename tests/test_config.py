@@ -142,7 +142,7 @@ def test_renamed_keys_of_older_config_files_still_load():
     d["model"]["checkpoint"] = True  # as a 0.1.0 config.json names it
     assert config_from_dict(d).model.activation_checkpointing is True
     d["model"]["activation_checkpointing"] = False  # both names: which one is meant?
-    with pytest.raises(ConfigError, match="both 'checkpoint' and its new name"):
+    with pytest.raises(ConfigError, match="both 'model.checkpoint' and its new name"):
         config_from_dict(d)
     cfg = apply_overrides(get_preset("digits_cpu"), ["model.checkpoint=true"])
     assert cfg.model.activation_checkpointing is True

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from idode.data import ImageDataset
-from idode.loader import augment_batch, make_loader
+from idode.loader import ImageLoader, augment_batch, make_loader
 
 # --------------------------------------------------------------------------------------------------
 # Augmentation
@@ -141,3 +141,14 @@ def test_loader_rejects_bad_settings() -> None:
         make_loader(ds, 8, shuffle=False, seed=0, drop_last=True)
     with pytest.raises(ValueError, match="rank"):
         make_loader(ds, 2, shuffle=False, seed=0, drop_last=True, rank=2, world_size=2)
+
+
+def test_pin_memory_gives_the_same_batches_and_pins_only_with_cuda():
+    images = torch.arange(40, dtype=torch.uint8).reshape(10, 1, 2, 2)
+    kw = dict(shuffle=True, seed=3, drop_last=True)
+    plain = list(ImageLoader(images, 4, **kw))
+    pinned_loader = ImageLoader(images, 4, pin_memory=True, **kw)
+    pinned = list(pinned_loader)
+    assert all(torch.equal(a, b) for a, b in zip(plain, pinned, strict=True))
+    assert pinned_loader.pin_memory == torch.cuda.is_available()
+    assert all(b.is_pinned() == torch.cuda.is_available() for b in pinned)

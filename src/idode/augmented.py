@@ -81,11 +81,13 @@ def augmented_field(
         def h(x_: Tensor) -> Tensor:
             return model.drift(x_, t, **kw)
 
-        if divergence == "exact":
-            out, div = exact_divergence(h, x, chunk_size=exact_chunk_size)
-        else:
-            u = probes.transpose(0, 1) if probes.ndim == x.ndim + 1 else probes
-            out, div = hutchinson_divergence(h, x, u)
+        # the network's TF32 switches for the VJP too (predict autocasts the forward itself)
+        with model.precision_scope(x.device, autocast=False):
+            if divergence == "exact":
+                out, div = exact_divergence(h, x, chunk_size=exact_chunk_size)
+            else:
+                u = probes.transpose(0, 1) if probes.ndim == x.ndim + 1 else probes
+                out, div = hutchinson_divergence(h, x, u)
         return torch.cat([out.detach().flatten(1), div.detach()[:, None]], dim=1)
 
     return field_

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from idode.config import Config, ConfigError, config_differences, config_from_dict, config_to_dict
 from idode.model import build_model
 from idode.parameterization import DiffusionODE
+from idode.precision import Precision
 
 __all__ = [
     "CheckpointError",
@@ -499,16 +500,18 @@ def load_newest_intact(
 
 
 def load_model(
-    path: str | os.PathLike, *, ema: bool = True, device: str | torch.device = "cpu"
-) -> tuple[DiffusionODE, LoadedCheckpoint]:
+    path: str | os.PathLike, *, ema: bool = True, device: str | torch.device = "cpu",
+    compile: bool | None = None, precision: Precision | None = None,
+) -> tuple[DiffusionODE, LoadedCheckpoint]:  # fmt: skip
     """The model of a checkpoint with its EMA (default) or raw weights, in eval mode.
 
-    Refuses ``ema=True`` for a checkpoint without EMA weights rather than silently using others,
-    and weights holding NaN/inf.
+    Refuses ``ema=True`` without EMA weights, and weights holding NaN/inf. ``compile`` /
+    ``precision``: None takes the checkpoint's ``model.compile`` / ``model.precision``.
     """
     ck = load_checkpoint(path)
     if not ck.data_shape:
         raise CheckpointError(f"checkpoint {ck.path} does not record the data shape")
-    model = build_model(ck.config, ck.data_shape, ck.num_levels)
+    cfg, shape = ck.config, ck.data_shape
+    model = build_model(cfg, shape, ck.num_levels, compile=compile, precision=precision)
     ck.load_into(model, "ema" if ema else "model")
     return model.to(device).eval(), ck

@@ -18,6 +18,7 @@ __all__ = [
     "IMAGENET_VERSIONS",
     "NET_KINDS",
     "PARAMETERIZATIONS",
+    "PRECISIONS",
     "PROBE_KINDS",
     "SOLVER_METHODS",
     "SPLITS",
@@ -81,5 +82,6 @@ IMAGENET_VERSIONS: tuple[str, ...] = get_args(ImageNetVersion)
 SubsetMode = Literal["first", "random"]  # which N examples --max-examples keeps
 SUBSETS: tuple[str, ...] = get_args(SubsetMode)
 
-# idode.config: the network's arithmetic in training (fp16 is refused with its reason)
-Precision = Literal["fp32", "bf16"]
+# idode.precision: the network's arithmetic (fp16 is refused with its reason)
+Precision = Literal["fp32", "tf32", "bf16"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)

@@ -85,6 +85,11 @@ class ModelConfig:
     #                          at every width, set by `idode convert` for official checkpoints)
     net_gamma_min: float | None = None  # UNet's gamma input range when it differs from the
     net_gamma_max: float | None = None  # schedule's (VDM: learned ends); None: gamma_min/max
+    precision: Precision = "fp32"  # the network's arithmetic in the training step: fp32 | tf32
+    #                                (CUDA tensor cores) | bf16 (autocast); reported bits/dim
+    #                                use fp32 (idode eval --precision); state stays float64
+    compile: bool = False  # torch.compile the network (training and the likelihood's forward +
+    #                        VJP; the solver stays eager; a compile failure falls back to eager)
 
 
 @dataclass(frozen=True)
@@ -106,8 +111,6 @@ class TrainConfig:
     antithetic: bool = True  # stratified times within each rank's batch (§3.4)
     second_order_weight: float = 0.0  # lambda_2 of the second-order term (0.1 to finetune, §5)
     hutchinson: ProbeKind = "rademacher"  # second-order probe: rademacher | gaussian
-    precision: Precision = "fp32"  # fp32 | bf16 (autocast, GPU only)
-    compile: bool = False  # torch.compile the network
     seed: int = 1  # seed of weights, data order and all training noise
     log_every: int = 50  # steps between metric lines (JSONL, TensorBoard)
     eval_every: int = 5_000  # steps between SDE-bound evaluations (0: never)
@@ -194,7 +197,7 @@ def _check_section(section: str, obj: Any) -> None:
             if value == "fp16":
                 raise ConfigError(
                     f"{key}='fp16' is not supported: the second-order term and the likelihood "
-                    "weights overflow in fp16; use 'bf16' (GPU) or 'fp32'"
+                    "weights overflow in fp16; use 'bf16', 'tf32' or 'fp32'"
                 )
             check_choice(key, value, args, error=ConfigError)
             continue
@@ -253,23 +256,29 @@ def config_to_dict(cfg: Config) -> dict:
     return dataclasses.asdict(cfg)
 
 
-# keys renamed since config.json files were first written (old -> new): old files still load,
-# and --set accepts the old name
-RENAMED_KEYS = {"model.checkpoint": "model.activation_checkpointing"}
+# keys renamed or moved since config.json files were first written (old "section.key" -> new):
+# old files still load, and --set accepts the old name
+RENAMED_KEYS: dict[str, str] = {
+    "model.checkpoint": "model.activation_checkpointing",
+    "train.precision": "model.precision",
+    "train.compile": "model.compile",
+}
 
 
-def _renamed(section: str, values: dict) -> dict:
-    """A section's dict with the keys of RENAMED_KEYS under their new names."""
-    out = dict(values)
+def _migrate(d: dict) -> dict:
+    """``d`` with every key of RENAMED_KEYS under its new name (both names: one error)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in d.items()}
     for old, new in RENAMED_KEYS.items():
-        (sec, a), (_, b) = old.split("."), new.split(".")
-        if sec == section and a in out:
-            if b in out:
+        (osec, oname), (nsec, nname) = old.split("."), new.split(".")
+        if isinstance(out.get(osec), dict) and oname in out[osec]:
+            target = out.setdefault(nsec, {})
+            if not isinstance(target, dict):
+                continue
+            if nname in target:
                 raise ConfigError(
-                    f"config section {section!r} has both {a!r} and its new name "
-                    f"{b!r}; keep only {b!r}"
+                    f"the config has both {old!r} and its new name {new!r}; keep only {new!r}"
                 )
-            out[b] = out.pop(a)
+            target[nname] = out[osec].pop(oname)
     return out
 
 
@@ -280,6 +289,7 @@ def config_from_dict(d: dict) -> Config:
     """
     if not isinstance(d, dict):
         raise ConfigError(f"a config must be a JSON object, got {type(d).__name__}")
+    d = _migrate(d)
     kwargs: dict[str, Any] = {}
     top = {f.name: f for f in fields(Config)}
     for key, value in d.items():
@@ -291,7 +301,6 @@ def config_from_dict(d: dict) -> Config:
             continue
         if not isinstance(value, dict):
             raise ConfigError(f"config section {key!r} must be a JSON object, got {value!r}")
-        value = _renamed(key, value)
         valid = {f.name for f in fields(sub)}
         unknown = set(value) - valid
         if unknown:

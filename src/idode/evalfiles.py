@@ -121,9 +121,9 @@ def _differences(saved: Any, now: dict[str, Any]) -> str | None:
         diff = [f"{k}: saved {a.get(k)!r}, now {b.get(k)!r}" for k in b if a.get(k) != b.get(k)]
         parts += [f"{key} ({'; '.join(diff)})"] if diff else []
     other = [
-        f"{k}: saved {saved.get(k)!r}, now {now[k]!r}"
-        for k in ("with_elbo", "device_type")
-        if saved.get(k) != now[k]
+        f"{k}: saved {saved.get(k)!r}, now {now.get(k)!r}"
+        for k in ("with_elbo", "device_type", "precision")  # precision: absent for fp32
+        if saved.get(k) != now.get(k)
     ]
     parts += [f"settings ({'; '.join(other)})"] if other else []
     return "an evaluation that differs in " + "; and ".join(parts) if parts else None

@@ -64,6 +64,7 @@ from idode.evalfiles import (
     read_per_example,
 )
 from idode.likelihood import elbo
+from idode.precision import PRECISIONS, Precision
 from idode.protocol import Protocol
 from idode.rundir import (
     append_jsonl,
@@ -148,7 +149,8 @@ def _check_one_data_root(data_root: str | None, overrides: list[str] | None) -> 
         )
 
 
-def _load(checkpoint, ema: bool, device: str, split: str, data_root, max_examples, data, overrides):
+def _load(checkpoint, ema: bool, device: str, split: str, data_root, max_examples, data, overrides,
+          net: dict | None = None):  # fmt: skip
     """(env, device, model, checkpoint record, dataset), the dataset checked against the model.
 
     ``checkpoint`` may also be a diffusers model folder (``idode.adapters``); it names no dataset,
@@ -160,7 +162,8 @@ def _load(checkpoint, ema: bool, device: str, split: str, data_root, max_example
     if is_model_folder(checkpoint):
         model, ck = _load_model_folder(checkpoint, dev, data, overrides, data_root)
     else:
-        model, ck = load_model(find_checkpoint(checkpoint).resolve(), ema=ema, device=dev)
+        path = find_checkpoint(checkpoint).resolve()
+        model, ck = load_model(path, ema=ema, device=dev, **(net or {}))
         data_cfg = _eval_data_config(ck.config.data, data, overrides, data_root)
         if data_root is not None and data_cfg.name in ("npz", "folder"):
             data_cfg = replace(data_cfg, path=None)  # --data-root FILE.npz|DIR replaces data.path
@@ -271,6 +274,8 @@ def evaluate(
     device: str = "auto",
     progress: bool = True,
     overwrite: bool = False,
+    compile: bool | None = None,
+    precision: Precision | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """ODE bits/dim (and the SDE bound) of every example of ``split``; returns eval.json's content.
@@ -285,19 +290,27 @@ def evaluate(
     protocol, the model's weights or the data differ (``evalfiles``). max_examples: only N
     examples of the split, the first N or (subset "random" or "random:SEED") N at random; rows
     keep their index in the split. overwrite: discard earlier results in out_dir instead.
+    compile: torch.compile the network (None: the checkpoint's model.compile). precision: the
+    network's arithmetic, fp32 unless given: bf16 moves a digit's bits/dim by ~0.02
+    (benchmarks/results/compile_precision_cpu.md), whatever the model was trained in.
     """
     t0 = time.perf_counter()
     given = _given(protocol, settings)
     _check_arguments(split, max_examples, given)
     _check_one_data_root(data_root, overrides)
+    if precision is not None:
+        check_choice("precision", precision, PRECISIONS, error=ConfigError)
+    net = dict(compile=compile, precision=precision or "fp32")  # reported numbers: fp32
     first_n = max_examples if parse_subset(subset, max_examples)[0] == "first" else None
     env, dev, model, ck, ds = _load(
-        checkpoint, ema, device, split, data_root, first_n, data, overrides
+        checkpoint, ema, device, split, data_root, first_n, data, overrides, net
     )
     ds = select_examples(ds, max_examples, subset)
     ev, source = resolve_settings(ck.config, protocol, **settings)
     out = Path(out_dir) if out_dir is not None else default_eval_dir(ck, split, ev)
     ident = _identity(ck, ema, ds, ev, with_elbo, dev)
+    if getattr(model, "precision", "fp32") != "fp32":  # absent for fp32: older folders resume
+        ident["precision"] = model.precision
     x_all = ds.as_tensor()
     # rank 0 checks (or starts) the output directory; every rank raises its verdict together
     err = None
@@ -320,6 +333,8 @@ def evaluate(
                "world_size": env.world_size}  # fmt: skip
         result.update(_record(ck, ema, split, ds, ev, with_elbo, dev, out, rows, run, source))
         result["files"].update(exports)
+        if "precision" in ident:  # a non-fp32 network: the numbers are not fp32's
+            result["settings"]["precision"] = ident["precision"]
         result["wall_seconds"] = time.perf_counter() - t0
         write_json_atomic(out / RESULT_FILE, result)
     result = broadcast(result, env)

@@ -53,7 +53,8 @@ class ImageLoader:
     once (evaluation), their counts differing by at most one. Iterating runs from the saved
     (epoch, position) to the end of the epoch, then advances the epoch; ``infinite`` goes on
     forever. ``state_dict()`` after consuming a batch resumes at the next one. Use one iterator at
-    a time.
+    a time. ``pin_memory`` (when CUDA is available) hands out page-locked batches, so that
+    ``batch.to(cuda, non_blocking=True)`` copies while the GPU is still busy with the last step.
     """
 
     def __init__(
@@ -67,6 +68,7 @@ class ImageLoader:
         rank: int = 0,
         world_size: int = 1,
         infinite: bool = False,
+        pin_memory: bool = False,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -78,6 +80,7 @@ class ImageLoader:
         self.batch_size = batch_size
         self.shuffle, self.seed, self.drop_last = shuffle, seed, drop_last
         self.rank, self.world_size, self.infinite = rank, world_size, infinite
+        self.pin_memory = pin_memory and torch.cuda.is_available()
         self._epoch, self._position = 0, 0
         self._cache: tuple[int, Tensor] | None = None
         if self.num_batches == 0:
@@ -126,7 +129,7 @@ class ImageLoader:
             while self._position < self.num_batches:
                 batch = self.images[idx[self._position * bs : (self._position + 1) * bs]]
                 self._position += 1
-                yield batch
+                yield batch.pin_memory() if self.pin_memory else batch
             self._epoch, self._position = self._epoch + 1, 0
             if not self.infinite:
                 return
@@ -170,6 +173,7 @@ def make_loader(
     rank: int = 0,
     world_size: int = 1,
     infinite: bool = False,
+    pin_memory: bool = False,
 ) -> ImageLoader:
     """An ``ImageLoader`` over the dataset's integer images (CPU tensors, uint8 or int32)."""
     return ImageLoader(
@@ -181,4 +185,5 @@ def make_loader(
         rank=rank,
         world_size=world_size,
         infinite=infinite,
+        pin_memory=pin_memory,
     )

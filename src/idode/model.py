@@ -10,6 +10,7 @@ import math
 
 from idode.config import Config
 from idode.parameterization import DiffusionODE
+from idode.precision import Precision
 from idode.schedules import make_schedule
 
 __all__ = ["build_model", "fourier_freqs"]
@@ -20,8 +21,19 @@ def fourier_freqs(num_levels: int) -> tuple[float, float]:
     return (math.log2(num_levels / 4), math.log2(num_levels / 2))
 
 
-def build_model(cfg: Config, data_shape: tuple[int, ...], num_levels: int = 256) -> DiffusionODE:
-    """The DiffusionODE (network + schedule + parameterization) a config describes."""
+def build_model(
+    cfg: Config,
+    data_shape: tuple[int, ...],
+    num_levels: int = 256,
+    *,
+    compile: bool | None = None,
+    precision: Precision | None = None,
+) -> DiffusionODE:
+    """The DiffusionODE (network + schedule + parameterization) a config describes.
+
+    ``compile`` / ``precision``: the network's ``torch.compile`` and arithmetic (None: the
+    config's ``model.compile`` / ``model.precision``).
+    """
     from idode.nets import make_net
 
     m = cfg.model
@@ -46,4 +58,10 @@ def build_model(cfg: Config, data_shape: tuple[int, ...], num_levels: int = 256)
     else:
         net = make_net("mlp", data_shape, hidden=m.mlp_hidden, depth=m.mlp_depth, **common)
     schedule = make_schedule(m.schedule, m.gamma_min, m.gamma_max)
-    return DiffusionODE(net, schedule, m.parameterization)
+    return DiffusionODE(
+        net,
+        schedule,
+        m.parameterization,
+        precision=m.precision if precision is None else precision,
+        compile=m.compile if compile is None else compile,
+    )

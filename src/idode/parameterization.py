@@ -15,12 +15,16 @@ evaluate (no cancellation between the two terms of E1).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor, nn
 
 from idode.choices import PARAMETERIZATIONS, Parameterization
+from idode.divergence import first_order_only
+from idode.precision import PRECISIONS, Precision, precision_scope
 from idode.schedules import Schedule
 from idode.validation import check_choice
 
@@ -43,13 +47,22 @@ class DiffusionODE(nn.Module):
         net: callable ``net(z, gamma) -> Tensor`` shaped like ``z``; ``gamma`` has shape [B].
         schedule: ``VPSchedule`` or ``SPSchedule``.
         parameterization: what the network predicts: "eps", "x0" or "velocity" (i-DODE).
+        precision: the network's arithmetic, "fp32" | "tf32" | "bf16" (``idode.precision``).
+        compile: run the network through ``torch.compile`` (the solver and the VJP call stay
+            eager); a compile failure falls back to eager with one warning.
 
     The network runs in its own dtype (that of its first floating parameter, else the input's);
     inputs are cast to it and outputs cast back to the caller's dtype at one call site, ``predict``.
     """
 
     def __init__(
-        self, net: Net, schedule: Schedule, parameterization: Parameterization = "velocity"
+        self,
+        net: Net,
+        schedule: Schedule,
+        parameterization: Parameterization = "velocity",
+        *,
+        precision: Precision = "fp32",
+        compile: bool = False,
     ) -> None:
         super().__init__()
         if not callable(net):
@@ -64,9 +77,62 @@ class DiffusionODE(nn.Module):
         self.parameterization = check_choice(
             "parameterization", parameterization, PARAMETERIZATIONS
         )
+        self.precision: Precision = check_choice("precision", precision, PRECISIONS)
+        self.net_compile = bool(compile) and isinstance(net, nn.Module)
+        self._compiled: Net | None = None  # built at the first call; not a submodule, not saved
 
     def extra_repr(self) -> str:
-        return f"schedule={self.schedule!r}, parameterization={self.parameterization!r}"
+        return (
+            f"schedule={self.schedule!r}, parameterization={self.parameterization!r}, "
+            f"precision={self.precision!r}, compile={self.net_compile}"
+        )
+
+    def __getstate__(self) -> dict:
+        # deepcopy / pickle: the compiled wrapper is rebuilt on demand, never copied
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {**state, "_compiled": None}
+
+    def precision_scope(self, device: torch.device | str, *, autocast: bool = True):
+        """The network's precision policy on ``device`` (``autocast=False`` around a VJP)."""
+        device_type = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+        return precision_scope(self.precision, device_type, autocast=autocast)
+
+    def _call_net(self, z: Tensor, gamma: Tensor, net_kwargs: dict) -> Tensor:
+        """The network (compiled when asked), under the precision policy."""
+        with self.precision_scope(z.device):
+            if not self.net_compile:
+                return self.net(z, gamma, **net_kwargs)
+            if self._compiled is None:  # a plain attribute: no "_compiled." keys in state_dict
+                object.__setattr__(self, "_compiled", torch.compile(self.net))
+            try:
+                with self._frozen_for_vjp():
+                    return self._compiled(z, gamma, **net_kwargs)
+            except Exception as e:  # noqa: BLE001 - any compiler failure: fall back to eager
+                out = self.net(z, gamma, **net_kwargs)  # a genuine input error raises here
+                self.net_compile, self._compiled = False, None
+                warnings.warn(
+                    f"torch.compile of the network failed ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0][:200] if str(e) else ''}); running it eagerly",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                return out
+
+    @contextlib.contextmanager
+    def _frozen_for_vjp(self) -> Iterator[None]:
+        """Inside the likelihood (``first_order_only``) no parameter gradient is ever asked for:
+        a compiled backward would compute them anyway (eager autograd prunes them), so the
+        compiled network sees its parameters frozen there (restored after the call)."""
+        params = []
+        if first_order_only() and torch.is_grad_enabled() and isinstance(self.net, nn.Module):
+            params = [p for p in self.net.parameters() if p.requires_grad]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in params:
+                p.requires_grad_(True)
 
     @property
     def net_dtype(self) -> torch.dtype | None:
@@ -85,7 +151,7 @@ class DiffusionODE(nn.Module):
                 f"{tuple(gamma.shape)}"
             )
         dtype = self.net_dtype or z.dtype
-        out = self.net(z.to(dtype), gamma.to(dtype), **net_kwargs)
+        out = self._call_net(z.to(dtype), gamma.to(dtype), net_kwargs)
         if not isinstance(out, Tensor) or out.shape != z.shape:
             got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
             raise ValueError(

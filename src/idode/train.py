@@ -162,8 +162,6 @@ class _Run:
 def _setup(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device) -> _Run:
     """Data, model, EMA and optimizer of a fresh run (step 0) on a set-up process group."""
     t, dc = cfg.train, cfg.data
-    if t.precision == "bf16" and device.type != "cuda":
-        raise ConfigError("train.precision=bf16 is for CUDA devices; use fp32 on the CPU")
     per_rank, rem = divmod(t.batch_size, env.world_size * t.grad_accum)
     if rem or per_rank < 1:
         raise ConfigError(
@@ -190,20 +188,35 @@ def _setup(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device) -> _R
         rank=env.rank,
         world_size=env.world_size,
         infinite=True,
+        pin_memory=device.type == "cuda",  # the step's .to(device, non_blocking=True) overlaps
     )
     torch.manual_seed(t.seed)  # identical initial weights on every rank
     model = build_model(cfg, train_ds.shape, train_ds.num_levels).to(device)
     ema = copy.deepcopy(model).eval()
+    ema.precision = "fp32"  # its bits/dim: bf16 would move them by ~0.02 (README, precision)
     for p in ema.parameters():
         p.requires_grad_(False)
     gen = torch.Generator(device=device)
     gen.manual_seed(stream_seed(t.seed, "train", env.rank))
     torch.manual_seed(stream_seed(t.seed, "dropout", env.rank))  # a different stream per rank
-    net: nn.Module = torch.compile(model.net) if t.compile else model.net
+    net: nn.Module = model.net
     if env.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    compile_net = cfg.model.compile
+    if compile_net and t.second_order_weight > 0:
+        compile_net = False  # the second-order term differentiates a VJP again
+        if env.is_main:
+            print(
+                "idode: warning: model.compile is off for second-order training (torch.compile "
+                "has no double backward); the periodic evaluations still compile",
+                file=sys.stderr,
+                flush=True,
+            )
+    # DDP(net) compiled as a whole (torch.compile of DDP splits at its buckets)
+    kw = dict(precision=cfg.model.precision, compile=compile_net)
+    train_model = DiffusionODE(net, model.schedule, model.parameterization, **kw)
     return _Run(
         cfg,
         run_dir,
@@ -219,7 +232,7 @@ def _setup(cfg: Config, run_dir: Path, env: DistEnv, device: torch.device) -> _R
         loader,
         model,
         ema,
-        DiffusionODE(net, model.schedule, model.parameterization),
+        train_model,
         make_optimizer(model, cfg),
         gen,
     )
@@ -275,8 +288,10 @@ def _optimizer_step(run: _Run, batches: Iterator[Tensor]) -> tuple[Tensor, float
             x_int, cond = augment_batch(x_int, run.gen)
             kw = {"conditioning": cond.to(dev)}
         sync = not env.distributed or micro == t.grad_accum - 1
+        # the net autocasts itself (predict); the scope sets the TF32 switches for the
+        # second-order VJP and the backward too
         with contextlib.nullcontext() if sync else run.train_model.net.no_sync():
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=t.precision == "bf16"):
+            with run.train_model.precision_scope(dev, autocast=False):
                 terms = diffusion_loss_terms(
                     run.train_model,
                     bin_centers(x_int, run.num_levels, validate=False),  # checked at load: no sync
@@ -288,8 +303,8 @@ def _optimizer_step(run: _Run, batches: Iterator[Tensor]) -> tuple[Tensor, float
                     net_kwargs=kw,
                     validate=False,
                 )
-            loss = nats_to_bits_per_dim(terms.loss.float().mean(), d)
-            (loss / t.grad_accum).backward()
+                loss = nats_to_bits_per_dim(terms.loss.float().mean(), d)
+                (loss / t.grad_accum).backward()
         parts = (
             loss,
             nats_to_bits_per_dim(terms.first_order.float().mean(), d),
@@ -299,20 +314,25 @@ def _optimizer_step(run: _Run, batches: Iterator[Tensor]) -> tuple[Tensor, float
     stats /= t.grad_accum
     signum = run.stop.received if run.stop is not None else 0
     run.stopping = signum
+    flag = stats.new_zeros(0)
     if env.distributed:  # every rank learns whether any rank got a signal, in the same reduce
         flags = torch.cat([stats, torch.tensor([float(signum > 0)], device=dev)])
         torch.distributed.all_reduce(flags)
-        stats = flags[:3] / env.world_size
-        run.stopping = (signum or signal.SIGTERM) if float(flags[3]) > 0 else 0
-    if not math.isfinite(float(stats[0])):
+        stats, flag = flags[:3] / env.world_size, flags[3:]
+    max_norm = t.grad_clip if t.grad_clip is not None else float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm)  # grads only
+    # the one host read of the step: loss, gradient norm (and the stop flag)
+    host = torch.cat([stats[:1], norm.reshape(1).to(stats.dtype), flag]).tolist()
+    loss_value, grad_norm = host[0], host[1]
+    if env.distributed:
+        run.stopping = (signum or signal.SIGTERM) if host[2] > 0 else 0
+    if not math.isfinite(loss_value):
         where = str(run.last_ckpt) if run.last_ckpt else "none yet"
         raise TrainingDiverged(
-            f"loss is {float(stats[0])} at step {run.step + 1}; stopped before updating the "
+            f"loss is {loss_value} at step {run.step + 1}; stopped before updating the "
             f"weights. Last good checkpoint: {where} (resume with --resume after lowering "
             f"train.lr or setting train.grad_clip)"
         )
-    max_norm = t.grad_clip if t.grad_clip is not None else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(run.model.parameters(), max_norm))
     run.optimizer.step()
     ema_update(run.ema, run.model, t.ema_decay)
     run.step += 1

@@ -77,6 +77,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from idode.config import ConfigError, apply_overrides, dumps
 
     _run_guards(args)
+    if args.compile:
+        args.set = [*(args.set or []), "model.compile=true"]
     if args.resume:
         # the settings only: train() loads and verifies the checkpoint (naming a damaged one)
         saved = read_config(args.out)[2]
@@ -152,6 +154,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        compile=args.compile,
+        precision=args.precision,
         **{k: getattr(args, k) for k in EVAL_FLAGS},
     )
     if _is_main_process():  # every rank returns the result; rank 0 says it

@@ -170,6 +170,23 @@ def _common(sp: argparse.ArgumentParser) -> None:
     sp.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def _add_network_flags(sp: argparse.ArgumentParser) -> None:
+    from idode.precision import PRECISIONS
+
+    sp.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the network (default: checkpoint's model.compile)",
+    )
+    sp.add_argument(
+        "--precision",
+        choices=list(PRECISIONS),
+        help="the network's arithmetic (default fp32, whatever the model was trained in: bf16 "
+        "moves bits/dim by ~0.02, see README)",
+    )
+
+
 def _add_train(sub) -> None:
     from idode.presets import PRESETS
 
@@ -190,6 +207,9 @@ def _add_train(sub) -> None:
         help="discard an earlier run in --out (checkpoints, metrics, tb/, config.json)",
     )
     t.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    t.add_argument(
+        "--compile", action="store_true", help="torch.compile the network (= --set model.compile=1)"
+    )
     _common(t)
     t.set_defaults(fn=commands.cmd_train)
 
@@ -266,6 +286,7 @@ def _add_eval(sub) -> None:
     e.add_argument("--no-elbo", action="store_true", help="skip the SDE bound")
     e.add_argument("--raw-weights", action="store_true", help="use the raw weights, not the EMA")
     e.add_argument("--device", type=DEVICE, default="auto", help=DEVICE_HELP)
+    _add_network_flags(e)
     e.add_argument("--overwrite", action="store_true", help="discard earlier partial results")
     _common(e)
     e.set_defaults(fn=commands.cmd_eval)
