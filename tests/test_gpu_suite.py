@@ -6,6 +6,7 @@ only TF32 and the NCCL all-reduce say "skipped: needs CUDA".
 """
 
 import importlib.util
+import signal
 import sys
 from pathlib import Path
 
@@ -13,6 +14,15 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks"
 SECTIONS = ("correctness", "torchrun", "throughput", "projection", "training", "compiled")
+
+
+@pytest.fixture(autouse=True)
+def _keep_sigint_handler():
+    # torch.compile's worker pools and the in-process training may leave another SIGINT handler
+    # in this process; later tests (run safety) expect the default one
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
 
 
 def _suite():

@@ -6,6 +6,7 @@ the eager network (forward and the likelihood's VJP), the fallback with a compil
 
 import copy
 import json
+import signal
 import warnings
 from pathlib import Path
 
@@ -24,6 +25,15 @@ from idode.precision import precision_scope, tf32_switches
 from idode.presets import get_preset
 
 FIXTURE = Path(__file__).parent / "data" / "checkpoint_v1"
+
+
+@pytest.fixture(autouse=True)
+def _keep_sigint_handler():
+    # torch.compile's worker pools and the in-process training may leave another SIGINT handler
+    # in this process; later tests (run safety) expect the default one
+    handler = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, handler)
 
 
 class Affine(nn.Module):
