@@ -233,6 +233,9 @@ class BPDResult:
     gamma_start: float
     num_dims: int
     settings: dict = field(default_factory=dict)
+    # the measured solver error (idode.certify: checked, mean_abs_bpd, max_abs_bpd,
+    # mean_signed_bpd, reference, per-job rows); None when the check is off
+    solver_error: dict | None = None
 
 
 def _check_bpd_arguments(x_int, num_levels, dequantization, divergence, num_samples, batch_size):
@@ -264,6 +267,8 @@ def bits_per_dim(
     batch_size: int | None = None,
     tolerance: Tolerance = "logp",
     logp_atol: float | None = None,
+    max_solver_error: float | None = None,
+    solver_check: int | float | None = None,
 ) -> BPDResult:
     """ODE bits/dim of integer images x_int [B, ...] in [0, num_levels) (method.md §6-7).
 
@@ -278,7 +283,14 @@ def bits_per_dim(
     the next (example, draw) at once (continuous batching). None: all B rows at once. Pass one
     generator per example (``rng.example_generators``) for results independent of batching.
     ``tolerance``/``logp_atol``: error control, see ``TOLERANCES`` (``"paper"`` = one RMS norm).
+
+    ``max_solver_error`` (bits/dim per image): calibrate the tolerance for this accuracy first
+    (``idode.certify.calibrate``; it replaces rtol/atol/logp_atol, recorded in
+    ``settings["calibration"]``) and check it. ``solver_check``: re-solve this many (int) or this
+    fraction of the (example, draw) jobs at a 100x tighter float64 reference, into
+    ``res.solver_error``; None: max(8, 2 %) of them when ``max_solver_error`` is set, else none.
     """
+    from idode import certify
     from idode.continuous import bpd_columns, iter_bits_per_dim, stack_examples
 
     _check_bpd_arguments(x_int, num_levels, dequantization, divergence, num_samples, batch_size)
@@ -287,6 +299,13 @@ def bits_per_dim(
     b, d = x_int.shape[0], x_int[0].numel()
     stats = SolverStats()
     examples = {}
+    cert = certify.LibraryCheck(max_solver_error, solver_check, x_int.shape, num_samples)
+    if max_solver_error is not None:
+        rtol, atol, logp_atol = cert.calibrate(
+            model, x_int, num_levels, dequantization, divergence, rtol, atol, tolerance,
+            logp_atol, num_probes=num_probes, batch_size=batch_size,
+            uniform_gamma_start=uniform_gamma_start, net_kwargs=net_kwargs,
+        )  # fmt: skip
     stream = iter_bits_per_dim(
         model,
         x_int,
@@ -304,6 +323,7 @@ def bits_per_dim(
         uniform_gamma_start=uniform_gamma_start,
         net_kwargs=net_kwargs,
         stats=stats,
+        record=cert.record,
     )
     for group in stream:
         examples.update((e.index, e) for e in group)
@@ -325,7 +345,7 @@ def bits_per_dim(
         parameterization=model.parameterization,
     )  # fmt: skip
     key = "bpd_importance_weighted" if importance_weighted else "bpd_mean_of_bounds"
-    return BPDResult(
+    res = BPDResult(
         bpd=cols[key],
         nfe=stats.calls,
         log_p_model=lp,
@@ -346,6 +366,7 @@ def bits_per_dim(
         settings=settings,
         **cols,
     )
+    return cert.finish(model, res, divergence, tolerance, batch_size, net_kwargs)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,573 @@
+"""Measured solver error of bits/dim, and the tolerance that meets a target accuracy.
+
+The solver's own error report (the sum of local error estimates of log p, ``logp_error`` /
+``solver_error_bpd``) is a *local* estimate: on trained models it underestimates the error of the
+number users read by 10-40x. This module measures it instead:
+
+- **The check.** A random subset of the (example, draw) jobs of an evaluation, chosen from the
+  seed alone (``choose_check_jobs``: default max(8, 2 %) of the jobs), is solved again with the
+  *same* dequantization noise and Hutchinson probe at a reference tolerance ``REFERENCE_FACTOR``
+  = 100x tighter (rtol, atol and the log-density's tolerance), with the network in float64 (a
+  copy made once), so float32 rounding in the network does not set the reference's floor. The
+  difference per job, evaluated minus reference, in bits/dim, is the measured solver error.
+  The reference is itself checked on ``CONVERGENCE_JOBS`` jobs against a second solve another
+  10x tighter; their agreement is recorded (and a warning given when it is not well below the
+  measured error).
+- **Calibration.** ``calibrate`` solves a few jobs at each rung of a ladder of tolerances (loose
+  to tight, each against its own 100x tighter float64 reference) and picks the first (cheapest)
+  rung whose largest error is within max_solver_error / ``SAFETY_MARGIN``.
+
+A job's error bounds its image's: an image's bits/dim is the mean (or the log-mean-exp) of its K
+draws' bounds, so its error is at most its draws' largest. Overhead: each checked job costs
+about 3-5x its evaluation NFE (``SolverErrorReport.nfe_overhead`` records it).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from idode import rng
+from idode.continuous import draw_jobs
+from idode.dequantization import UNIFORM_GAMMA_START, nats_to_bits_per_dim
+from idode.divergence import first_order_input_gradients
+from idode.likelihood import augmented_field, eval_mode, gaussian_log_prob, solver_tolerances
+from idode.solvers import Jobs, nfe_of_steps, solve_stream
+
+__all__ = [
+    "CALIBRATION_EXAMPLES",
+    "LADDER",
+    "REFERENCE_FACTOR",
+    "SAFETY_MARGIN",
+    "Calibration",
+    "SolverErrorReport",
+    "SolverErrorWarning",
+    "Tolerances",
+    "calibrate",
+    "check_jobs",
+    "check_rows",
+    "choose_check_jobs",
+    "float64_copy",
+    "num_check_jobs",
+    "solve_jobs",
+]
+
+CheckSize = int | float | None
+DEFAULT_CHECK_MIN, DEFAULT_CHECK_FRACTION = 8, 0.02  # default check: max(8, 2 %) of the jobs
+REFERENCE_FACTOR = 100.0  # the reference solves at tolerances this much tighter
+CONVERGENCE_FACTOR, CONVERGENCE_JOBS = 10.0, 2  # the reference's own check: 10x tighter again
+# float64 cannot deliver a relative accuracy much below ~1e-13 over thousands of steps; the
+# references never go tighter than this (and record where they stopped)
+REFERENCE_RTOL_FLOOR = 1e-12
+SAFETY_MARGIN = 2.0  # calibration picks a rung whose measured max error <= EPS / SAFETY_MARGIN
+LADDER = (1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7)  # rtol rungs, loose (cheap) to tight
+CALIBRATION_EXAMPLES = 8
+# the reference agrees with its 10x tighter twin within max(this, 10 % of the measured error)
+CONVERGED_BPD = 1e-5
+
+
+class SolverErrorWarning(UserWarning):
+    """A measured solver error above the target, or a reference that did not converge."""
+
+
+@dataclass(frozen=True)
+class Tolerances:
+    """One error-control setting of the likelihood ODE (see ``likelihood.solver_tolerances``)."""
+
+    rtol: float
+    atol: float
+    tolerance: str = "logp"
+    logp_atol: float | None = None  # nats; None: the protocol's default for d
+
+    def resolved(self, num_dims: int) -> Tolerances:
+        """The same setting with ``logp_atol`` made explicit (None under "paper")."""
+        kw = solver_tolerances(self.tolerance, self.rtol, self.atol, self.logp_atol, num_dims)
+        return replace(self, logp_atol=kw.get("last_atol"))
+
+    def scaled(self, factor: float, num_dims: int) -> Tolerances:
+        """Every tolerance divided by ``factor``, rtol and atol no lower than the float64 floor."""
+        r = self.resolved(num_dims)
+        logp = None if r.logp_atol is None else r.logp_atol / factor
+        return replace(
+            r,
+            rtol=max(r.rtol / factor, REFERENCE_RTOL_FLOOR),
+            atol=max(r.atol / factor, REFERENCE_RTOL_FLOOR),
+            logp_atol=logp,
+        )
+
+    def solver_kwargs(self, num_dims: int) -> dict:
+        return solver_tolerances(self.tolerance, self.rtol, self.atol, self.logp_atol, num_dims)
+
+
+# --------------------------------------------------------------------------------------------------
+# which jobs
+# --------------------------------------------------------------------------------------------------
+
+
+def num_check_jobs(num_jobs: int, check: CheckSize = None) -> int:
+    """How many of ``num_jobs`` jobs the check re-solves.
+
+    ``check``: None = max(8, 2 %); an int N = N (at most all); a float in (0, 1) = that fraction
+    (rounded up); 0 = none (the check is off).
+    """
+    if isinstance(check, bool) or not isinstance(check, int | float | None):
+        raise ValueError(
+            f"solver_check must be a count, a fraction in (0, 1) or None, got {check!r}"
+        )
+    if check is None:
+        m = max(DEFAULT_CHECK_MIN, math.ceil(DEFAULT_CHECK_FRACTION * num_jobs))
+    elif isinstance(check, int):
+        if check < 0:
+            raise ValueError(f"solver_check must be >= 0 jobs (0: no check), got {check}")
+        m = check
+    elif check == 0:
+        m = 0
+    elif 0 < check < 1:
+        m = math.ceil(check * num_jobs)
+    else:
+        raise ValueError(
+            f"solver_check={check} is neither a count nor a fraction in (0, 1); pass an integer "
+            f"number of jobs (e.g. 8) or a fraction (e.g. 0.02)"
+        )
+    return min(m, num_jobs)
+
+
+def choose_check_jobs(num_jobs: int, check: CheckSize = None, seed: int = 0) -> list[int]:
+    """The jobs (sorted positions in 0..num_jobs-1) the check re-solves.
+
+    Job j is (example j // K, draw j % K). The choice depends on (num_jobs, check, seed) alone,
+    not on the batch size, the order of solves or the number of processes.
+    """
+    m = num_check_jobs(num_jobs, check)
+    if m == 0:
+        return []
+    perm = torch.randperm(num_jobs, generator=rng.stream(seed, "solver_check"))
+    return sorted(perm[:m].tolist())
+
+
+# --------------------------------------------------------------------------------------------------
+# solving jobs again
+# --------------------------------------------------------------------------------------------------
+
+
+def float64_copy(model):
+    """The model with its network in float64 (a copy; the model itself if it already is)."""
+    if model.net_dtype in (None, torch.float64):
+        return model
+    return copy.deepcopy(model).to(torch.float64)
+
+
+def stack_jobs(jobs: Sequence[Jobs]) -> Jobs:
+    """Several ``Jobs`` groups as one."""
+    aux = None if jobs[0].aux is None else torch.cat([j.aux for j in jobs])
+    return Jobs(
+        [k for j in jobs for k in j.keys],
+        torch.cat([j.y0 for j in jobs]),
+        torch.cat([j.t0 for j in jobs]),
+        torch.cat([j.t1 for j in jobs]),
+        aux,
+    )
+
+
+def solve_jobs(
+    model,
+    jobs: Jobs,
+    divergence: str,
+    shape: tuple[int, ...],
+    tols: Tolerances,
+    *,
+    batch_size: int | None = None,
+    net_kwargs: dict | None = None,
+) -> tuple[Tensor, Tensor]:
+    """log p_ODE (nats, [m] float64, CPU) and solver steps ([m]) of the jobs, in their order."""
+    m, d = len(jobs.keys), math.prod(shape)
+    order = {key: j for j, key in enumerate(jobs.keys)}
+    pos = [0]
+
+    def take(k: int) -> Jobs | None:
+        s = pos[0]
+        if s >= m:
+            return None
+        pos[0] = e = min(s + k, m)
+        aux = None if jobs.aux is None else jobs.aux[s:e]
+        return Jobs(jobs.keys[s:e], jobs.y0[s:e], jobs.t0[s:e], jobs.t1[s:e], aux)
+
+    logp = torch.zeros(m, dtype=torch.float64)
+    steps = torch.zeros(m, dtype=torch.long)
+    field_ = augmented_field(model, divergence, shape, net_kwargs)
+    var = model.schedule.sigma2_max
+    with eval_mode(model), torch.no_grad(), first_order_input_gradients():
+        kw = tols.solver_kwargs(d)
+        for done in solve_stream(field_, take, batch_size=batch_size or m, **kw):
+            z_end = done.y[:, :d].reshape(len(done.keys), *shape)
+            lp = (gaussian_log_prob(z_end, var) + done.y[:, d]).cpu()
+            idx = torch.tensor([order[k] for k in done.keys])
+            logp[idx], steps[idx] = lp, done.steps.cpu()
+    return logp, steps
+
+
+# --------------------------------------------------------------------------------------------------
+# the check
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SolverErrorReport:
+    """The measured solver error of an evaluation; ``as_dict`` is eval.json's "solver_error"."""
+
+    jobs: list[dict]  # per checked job: example, draw, log p (eval, reference), diff_bpd, NFE
+    reference: dict  # settings of the reference solve and its own convergence check
+    eval_nfe: int  # the evaluation's NFE (sum over its jobs of 6 x steps + 2)
+    check_nfe: int  # the check's NFE (references and convergence solves)
+    seconds: float = 0.0
+    max_solver_error: float | None = None
+
+    @property
+    def checked(self) -> int:
+        return len(self.jobs)
+
+    def _diffs(self) -> list[float]:
+        return [j["diff_bpd"] for j in self.jobs]
+
+    @property
+    def max_abs_bpd(self) -> float | None:
+        return max(map(abs, self._diffs())) if self.jobs else None
+
+    def as_dict(self) -> dict:
+        """The contract keys (checked, mean_abs_bpd, max_abs_bpd, mean_signed_bpd, reference)
+        plus the per-job rows and the overhead."""
+        diffs = self._diffs()
+        n = len(diffs)
+        return {
+            "checked": n,
+            "mean_abs_bpd": math.fsum(map(abs, diffs)) / n if n else None,
+            "max_abs_bpd": self.max_abs_bpd,
+            "mean_signed_bpd": math.fsum(diffs) / n if n else None,
+            "reference": self.reference,
+            "max_solver_error": self.max_solver_error,
+            "within_target": None
+            if self.max_solver_error is None or not n
+            else self.max_abs_bpd <= self.max_solver_error,
+            "eval_nfe": self.eval_nfe,
+            "check_nfe": self.check_nfe,
+            "nfe_overhead": self.check_nfe / self.eval_nfe if self.eval_nfe else None,
+            "seconds": self.seconds,
+            "jobs": self.jobs,
+            "note": "per (example, draw) job: bits/dim of the evaluation's solve minus that of a "
+            "reference solve with the same noise and probe (an image's error is at most its "
+            "draws' largest); measured, not the solver's local estimate",
+        }
+
+
+def off_report(eval_nfe: int = 0) -> dict:
+    """eval.json's "solver_error" when the check is switched off."""
+    out = SolverErrorReport([], {}, eval_nfe, 0).as_dict()
+    out["note"] = "the solver check is off (solver_check=0): no measured solver error"
+    return out
+
+
+def check_jobs(
+    model,
+    jobs: Jobs,
+    eval_log_p: Tensor,
+    eval_steps: Tensor,
+    divergence: str,
+    shape: tuple[int, ...],
+    tols: Tolerances,
+    *,
+    eval_nfe: int,
+    max_solver_error: float | None = None,
+    batch_size: int | None = None,
+    net_kwargs: dict | None = None,
+    reference_model=None,
+    warn: bool = True,
+) -> SolverErrorReport:
+    """Re-solve ``jobs`` (keys (example, draw), the evaluation's starts) at the reference.
+
+    eval_log_p, eval_steps: [m] the evaluation's log p_ODE (nats) and steps of the same jobs;
+    eval_nfe: the evaluation's total NFE (for the overhead). Warns (``SolverErrorWarning``) when
+    the measured max exceeds ``max_solver_error`` or the reference did not converge.
+    """
+    tic, d = time.perf_counter(), math.prod(shape)
+    ref_model = reference_model if reference_model is not None else float64_copy(model)
+    ref_tols = tols.scaled(REFERENCE_FACTOR, d)
+    kw = dict(batch_size=batch_size, net_kwargs=net_kwargs)
+    ref_lp, ref_steps = solve_jobs(ref_model, jobs, divergence, shape, ref_tols, **kw)
+    diff = nats_to_bits_per_dim(ref_lp - eval_log_p.double().cpu(), d)  # eval - reference bpd
+    rows = [
+        {"index": int(key[0]), "draw": int(key[1]), "log_p_nats": float(e),
+         "reference_log_p_nats": float(r), "diff_bpd": float(x), "nfe": int(nfe_of_steps(s)),
+         "reference_nfe": int(nfe_of_steps(rs))}
+        for key, e, r, x, s, rs in zip(jobs.keys, eval_log_p.tolist(), ref_lp.tolist(),
+                                       diff.tolist(), eval_steps.tolist(), ref_steps.tolist(),
+                                       strict=True)
+    ]  # fmt: skip
+    check_nfe = int(nfe_of_steps(ref_steps).sum())
+    conv, conv_nfe = _convergence(ref_model, jobs, ref_lp, divergence, shape, ref_tols, kw)
+    reference = {
+        **asdict(ref_tols),
+        "factor": REFERENCE_FACTOR,
+        "network_dtype": str(ref_model.net_dtype or torch.float64).removeprefix("torch."),
+        "method": "dopri5",
+        "convergence": conv,
+    }
+    report = SolverErrorReport(
+        rows, reference, int(eval_nfe), check_nfe + conv_nfe, time.perf_counter() - tic,
+        max_solver_error,
+    )  # fmt: skip
+    if warn:
+        warn_report(report)
+    return report
+
+
+def _convergence(ref_model, jobs, ref_lp, divergence, shape, ref_tols, kw) -> tuple[dict, int]:
+    """The reference against a second solve 10x tighter on its first few jobs."""
+    m = min(CONVERGENCE_JOBS, len(jobs.keys))
+    if m == 0:
+        return {"jobs": 0}, 0
+    d = math.prod(shape)
+    sub = Jobs(jobs.keys[:m], jobs.y0[:m], jobs.t0[:m], jobs.t1[:m],
+               None if jobs.aux is None else jobs.aux[:m])  # fmt: skip
+    tight = ref_tols.scaled(CONVERGENCE_FACTOR, d)
+    lp, steps = solve_jobs(ref_model, sub, divergence, shape, tight, **kw)
+    gap = nats_to_bits_per_dim((lp - ref_lp[:m]).abs(), d).max().item()
+    return {"jobs": m, "rtol": tight.rtol, "atol": tight.atol, "logp_atol": tight.logp_atol,
+            "max_abs_diff_bpd": gap}, int(nfe_of_steps(steps).sum())  # fmt: skip
+
+
+def warn_report(report: SolverErrorReport) -> None:
+    """A ``SolverErrorWarning`` for a check above its target or an unconverged reference."""
+    if not report.jobs:
+        return
+    worst, eps = report.max_abs_bpd, report.max_solver_error
+    if eps is not None and worst > eps:
+        warnings.warn(
+            f"measured solver error {worst:.2g} bits/dim (max over {report.checked} checked jobs) "
+            f"exceeds max_solver_error={eps:g}; tighten rtol/atol (or calibrate on more "
+            f"examples) and evaluate again",
+            SolverErrorWarning,
+            stacklevel=3,
+        )
+    gap = report.reference["convergence"].get("max_abs_diff_bpd", 0.0)
+    if gap > max(CONVERGED_BPD, 0.1 * worst):
+        warnings.warn(
+            f"the reference solve itself moves by {gap:.2g} bits/dim 10x tighter, not well below "
+            f"the measured error {worst:.2g}: the measured error is uncertain by that much",
+            SolverErrorWarning,
+            stacklevel=3,
+        )
+
+
+def check_rows(
+    model,
+    x_all: Tensor,
+    rows: Sequence[dict],
+    num_levels: int,
+    dequantization: str,
+    num_samples: int,
+    divergence: str,
+    tols: Tolerances,
+    *,
+    seed: int,
+    num_examples: int | None = None,
+    check: CheckSize = None,
+    max_solver_error: float | None = None,
+    batch_size: int | None = None,
+    warn: bool = True,
+) -> SolverErrorReport:
+    """The check of an evaluation from its per-example rows (``idode.evaluate``'s format).
+
+    x_all: [N, ...] the split's integer images; rows: the rows (keys "index",
+    "log_p_model_nats", "steps_per_draw", "nfe") of the examples to check among; num_examples:
+    the evaluation's N (default len(rows)). The jobs come from ``choose_check_jobs(N * K, check,
+    seed)`` (those whose example is in ``rows``: a shard checks its share); their noise and probes
+    are drawn again from the per-example "dequantization" streams of ``seed``.
+    """
+    n, k = num_examples or len(rows), num_samples
+    by_index = {int(r["index"]): r for r in rows}
+    chosen = [(j // k, j % k) for j in choose_check_jobs(n * k, check, seed)]
+    keys = [key for key in chosen if key[0] in by_index]
+    eval_nfe = sum(int(r["nfe"]) for r in rows)
+    dev = x_all.device
+    examples = sorted({i for i, _ in keys})
+    if not keys:
+        return SolverErrorReport([], {}, eval_nfe, 0)
+    gens = rng.example_generators(seed, examples, dev, purpose="dequantization")
+    x = x_all[torch.tensor(examples, device=dev)]
+    drawn = draw_jobs(model, x, num_levels, dequantization, k, divergence, generator=gens)
+    jobs = select_jobs(drawn, [(examples.index(i), d) for i, d in keys])
+    jobs.keys = keys
+    lp = torch.tensor([by_index[i]["log_p_model_nats"][d] for i, d in keys], dtype=torch.float64)
+    steps = torch.tensor([by_index[i]["steps_per_draw"][d] for i, d in keys])
+    return check_jobs(
+        model, jobs, lp, steps, divergence, tuple(x_all.shape[1:]), tols, eval_nfe=eval_nfe,
+        max_solver_error=max_solver_error, batch_size=batch_size, warn=warn,
+    )  # fmt: skip
+
+
+def select_jobs(jobs: Jobs, keys: Sequence) -> Jobs:
+    """The rows of ``jobs`` with these keys, in this order."""
+    pos = {key: j for j, key in enumerate(jobs.keys)}
+    idx = torch.tensor([pos[key] for key in keys], device=jobs.y0.device)
+    aux = None if jobs.aux is None else jobs.aux[idx]
+    return Jobs(list(keys), jobs.y0[idx], jobs.t0[idx], jobs.t1[idx], aux)
+
+
+# --------------------------------------------------------------------------------------------------
+# calibration
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Calibration:
+    """The tolerance ``calibrate`` chose for a target accuracy, and the ladder it measured."""
+
+    max_solver_error: float
+    chosen: Tolerances
+    met: bool  # whether the chosen rung's max error is within max_solver_error / margin
+    ladder: list[dict] = field(default_factory=list)  # per rung tried: tolerances, NFE, errors
+    jobs: int = 0  # calibration jobs (draw 0 of this many examples)
+    nfe: int = 0  # the calibration's total NFE (rungs and their references)
+    margin: float = SAFETY_MARGIN
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["note"] = (
+            f"rtol rungs loose to tight; each rung's max |bits/dim - reference| over {self.jobs} "
+            f"jobs (reference {REFERENCE_FACTOR:g}x tighter, network in float64); chosen: the "
+            f"first rung with max <= max_solver_error / {self.margin:g}"
+        )
+        return out
+
+
+def calibrate(
+    model,
+    x_int: Tensor,
+    num_levels: int = 256,
+    dequantization: str = "truncated_normal",
+    divergence: str = "rademacher",
+    *,
+    max_solver_error: float,
+    base: Tolerances = Tolerances(1e-5, 1e-5),  # noqa: B008 (frozen)
+    seed: int = 0,
+    num_examples: int = CALIBRATION_EXAMPLES,
+    ladder: Sequence[float] = LADDER,
+    margin: float = SAFETY_MARGIN,
+    num_probes: int = 1,
+    batch_size: int | None = None,
+    uniform_gamma_start: float = UNIFORM_GAMMA_START,
+    net_kwargs: dict | None = None,
+) -> Calibration:
+    """The cheapest rung of ``ladder`` whose max error on a small subset is <= EPS / margin.
+
+    x_int: [N, ...] integer images; draw 0 of ``num_examples`` of them, chosen from ``seed``, with
+    noise and probes from their own "calibration" streams (the user's generators are not
+    touched). A rung r sets rtol = r and scales atol and logp_atol with it (their ratios to rtol
+    in ``base``). Each rung is solved with ``model`` as the evaluation solves it and compared
+    with a reference 100x tighter (network in float64). Rungs are tried loose to tight and the
+    first that passes is chosen; if none does, the tightest, with ``met=False`` and a warning.
+    """
+    if not (isinstance(max_solver_error, int | float) and max_solver_error > 0):
+        raise ValueError(f"max_solver_error must be a positive number (bits/dim), got "
+                         f"{max_solver_error!r}")  # fmt: skip
+    tic, shape = time.perf_counter(), tuple(x_int.shape[1:])
+    d, n = math.prod(shape), x_int.shape[0]
+    idx = choose_check_jobs(n, min(num_examples, n), seed)
+    gens = rng.example_generators(seed, idx, x_int.device, purpose="calibration")
+    jobs = draw_jobs(
+        model, x_int[torch.tensor(idx, device=x_int.device)], num_levels, dequantization, 1,
+        divergence, num_probes=num_probes, generator=gens, uniform_gamma_start=uniform_gamma_start,
+    )  # fmt: skip
+    base = base.resolved(d)
+    ref_model, kw = float64_copy(model), dict(batch_size=batch_size, net_kwargs=net_kwargs)
+    table, nfe, chosen = [], 0, None
+    for r in sorted(ladder, reverse=True):
+        tols = base.scaled(base.rtol / r, d)
+        lp, steps = solve_jobs(model, jobs, divergence, shape, tols, **kw)
+        ref_lp, ref_steps = solve_jobs(
+            ref_model, jobs, divergence, shape, tols.scaled(REFERENCE_FACTOR, d), **kw
+        )
+        err = nats_to_bits_per_dim((ref_lp - lp).abs(), d)
+        nfe += int(nfe_of_steps(steps).sum() + nfe_of_steps(ref_steps).sum())
+        ok = bool(err.max() <= max_solver_error / margin)
+        table.append({**asdict(tols), "nfe_mean": float(nfe_of_steps(steps).double().mean()),
+                      "max_abs_bpd": float(err.max()), "mean_abs_bpd": float(err.mean()),
+                      "passed": ok})  # fmt: skip
+        chosen = tols
+        if ok:
+            break
+    met = table[-1]["passed"]
+    if not met:
+        warnings.warn(
+            f"no tolerance down to rtol={chosen.rtol:g} keeps the solver error within "
+            f"max_solver_error / {margin:g} = {max_solver_error / margin:.2g} bits/dim on the "
+            f"calibration jobs (measured max {table[-1]['max_abs_bpd']:.2g}); using the "
+            f"tightest. Raise max_solver_error or extend the ladder",
+            SolverErrorWarning,
+            stacklevel=2,
+        )
+    return Calibration(max_solver_error, chosen, met, table, len(idx), nfe, margin,
+                       time.perf_counter() - tic)  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------------------
+# the library's bits_per_dim
+# --------------------------------------------------------------------------------------------------
+
+
+class LibraryCheck:
+    """Calibration and check of one ``likelihood.bits_per_dim`` call (its keyword arguments).
+
+    The checked jobs are ``choose_check_jobs(B * K, check, seed=0)``; their starts are recorded
+    while the evaluation solves them (any generator), so the reference uses the same noise.
+    """
+
+    def __init__(self, max_solver_error, check: CheckSize, x_shape, num_samples: int) -> None:
+        if max_solver_error is not None and not max_solver_error > 0:
+            raise ValueError(f"max_solver_error must be positive (bits/dim), got "
+                             f"{max_solver_error!r}")  # fmt: skip
+        if check is None and max_solver_error is None:
+            check = 0  # the library checks on request; `idode eval` always does
+        self.eps, self.shape, k = max_solver_error, tuple(x_shape[1:]), num_samples
+        keys = [(j // k, j % k) for j in choose_check_jobs(x_shape[0] * k, check, seed=0)]
+        self.record = dict.fromkeys(keys) or None
+        self.calibration: Calibration | None = None
+
+    def calibrate(self, model, x_int, num_levels, dequantization, divergence, rtol, atol,
+                  tolerance, logp_atol, **kw) -> tuple[float, float, float | None]:  # fmt: skip
+        """The calibrated (rtol, atol, logp_atol)."""
+        base = Tolerances(rtol, atol, tolerance, logp_atol)
+        self.calibration = calibrate(
+            model, x_int, num_levels, dequantization, divergence, max_solver_error=self.eps,
+            base=base, **kw,
+        )  # fmt: skip
+        c = self.calibration.chosen
+        return c.rtol, c.atol, c.logp_atol
+
+    def finish(self, model, res, divergence, tolerance, batch_size, net_kwargs):
+        """``res`` (a BPDResult) with ``solver_error`` and the calibration in its settings."""
+        if self.calibration is not None:
+            res.settings.update(max_solver_error=self.eps, calibration=self.calibration.as_dict())
+        if not self.record:
+            return res
+        keys = list(self.record)
+        jobs = stack_jobs([self.record[key] for key in keys])
+        i, k = (torch.tensor([key[c] for key in keys]) for c in range(2))
+        lp, steps = res.log_p_model.cpu()[i, k], res.steps.cpu()[i, k]
+        st = res.settings
+        tols = Tolerances(st["rtol"], st["atol"], tolerance, st["logp_atol"])
+        report = check_jobs(
+            model, jobs, lp, steps, divergence, self.shape, tols,
+            eval_nfe=int(res.nfe_per_example.sum()), max_solver_error=self.eps,
+            batch_size=batch_size, net_kwargs=net_kwargs,
+        )  # fmt: skip
+        res.solver_error = report.as_dict()
+        return res
