@@ -57,6 +57,7 @@ __all__ = [
     "float64_copy",
     "num_check_jobs",
     "solve_jobs",
+    "summary_line",
 ]
 
 CheckSize = int | float | None
@@ -71,6 +72,21 @@ LADDER = (1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7)  # rtol rungs, loose (cheap)
 CALIBRATION_EXAMPLES = 8
 # the reference agrees with its 10x tighter twin within max(this, 10 % of the measured error)
 CONVERGED_BPD = 1e-5
+
+
+def summary_line(solver_error: dict | None) -> str:
+    """'solver error max 0.0012, mean 0.0004 bits/dim (8 jobs re-solved 100x tighter)'."""
+    if not solver_error or not solver_error.get("checked"):
+        return "solver error not measured (solver check off)"
+    tail = ""
+    eps = solver_error.get("max_solver_error")
+    if eps is not None:
+        tail = f"; target {eps:g} " + ("met" if solver_error["within_target"] else "EXCEEDED")
+    return (
+        f"solver error max {solver_error['max_abs_bpd']:.4f}, mean "
+        f"{solver_error['mean_abs_bpd']:.4f} bits/dim ({solver_error['checked']} jobs re-solved "
+        f"{REFERENCE_FACTOR:g}x tighter{tail})"
+    )
 
 
 class SolverErrorWarning(UserWarning):
@@ -262,15 +278,10 @@ class SolverErrorReport:
             "jobs": self.jobs,
             "note": "per (example, draw) job: bits/dim of the evaluation's solve minus that of a "
             "reference solve with the same noise and probe (an image's error is at most its "
-            "draws' largest); measured, not the solver's local estimate",
+            "draws' largest); measured, not the solver's local estimate"
+            if n
+            else "no job was checked (solver_check=0): the solver error is not measured",
         }
-
-
-def off_report(eval_nfe: int = 0) -> dict:
-    """eval.json's "solver_error" when the check is switched off."""
-    out = SolverErrorReport([], {}, eval_nfe, 0).as_dict()
-    out["note"] = "the solver check is off (solver_check=0): no measured solver error"
-    return out
 
 
 def check_jobs(
@@ -380,6 +391,7 @@ def check_rows(
     check: CheckSize = None,
     max_solver_error: float | None = None,
     batch_size: int | None = None,
+    device: torch.device | str | None = None,
     warn: bool = True,
 ) -> SolverErrorReport:
     """The check of an evaluation from its per-example rows (``idode.evaluate``'s format).
@@ -388,19 +400,20 @@ def check_rows(
     "log_p_model_nats", "steps_per_draw", "nfe") of the examples to check among; num_examples:
     the evaluation's N (default len(rows)). The jobs come from ``choose_check_jobs(N * K, check,
     seed)`` (those whose example is in ``rows``: a shard checks its share); their noise and probes
-    are drawn again from the per-example "dequantization" streams of ``seed``.
+    are drawn again from the per-example "dequantization" streams of ``seed`` on ``device``
+    (default x_all's; it must be the evaluation's device type).
     """
     n, k = num_examples or len(rows), num_samples
     by_index = {int(r["index"]): r for r in rows}
     chosen = [(j // k, j % k) for j in choose_check_jobs(n * k, check, seed)]
     keys = [key for key in chosen if key[0] in by_index]
     eval_nfe = sum(int(r["nfe"]) for r in rows)
-    dev = x_all.device
     examples = sorted({i for i, _ in keys})
     if not keys:
-        return SolverErrorReport([], {}, eval_nfe, 0)
+        return SolverErrorReport([], {}, eval_nfe, 0, max_solver_error=max_solver_error)
+    dev = torch.device(device) if device is not None else x_all.device
     gens = rng.example_generators(seed, examples, dev, purpose="dequantization")
-    x = x_all[torch.tensor(examples, device=dev)]
+    x = x_all[torch.tensor(examples)].to(dev)
     drawn = draw_jobs(model, x, num_levels, dequantization, k, divergence, generator=gens)
     jobs = select_jobs(drawn, [(examples.index(i), d) for i, d in keys])
     jobs.keys = keys
@@ -465,15 +478,17 @@ def calibrate(
     batch_size: int | None = None,
     uniform_gamma_start: float = UNIFORM_GAMMA_START,
     net_kwargs: dict | None = None,
+    device: torch.device | str | None = None,
 ) -> Calibration:
     """The cheapest rung of ``ladder`` whose max error on a small subset is <= EPS / margin.
 
     x_int: [N, ...] integer images; draw 0 of ``num_examples`` of them, chosen from ``seed``, with
     noise and probes from their own "calibration" streams (the user's generators are not
     touched). A rung r sets rtol = r and scales atol and logp_atol with it (their ratios to rtol
-    in ``base``). Each rung is solved with ``model`` as the evaluation solves it and compared
-    with a reference 100x tighter (network in float64). Rungs are tried loose to tight and the
-    first that passes is chosen; if none does, the tightest, with ``met=False`` and a warning.
+    in ``base``). Each rung is solved with ``model`` as the evaluation solves it (on ``device``,
+    default x_int's) and compared with a reference 100x tighter (network in float64). Rungs are
+    tried loose to tight and the first that passes is chosen; if none does, the tightest, with
+    ``met=False`` and a warning.
     """
     if not (isinstance(max_solver_error, int | float) and max_solver_error > 0):
         raise ValueError(f"max_solver_error must be a positive number (bits/dim), got "
@@ -481,9 +496,11 @@ def calibrate(
     tic, shape = time.perf_counter(), tuple(x_int.shape[1:])
     d, n = math.prod(shape), x_int.shape[0]
     idx = choose_check_jobs(n, min(num_examples, n), seed)
-    gens = rng.example_generators(seed, idx, x_int.device, purpose="calibration")
+    dev = torch.device(device) if device is not None else x_int.device
+    gens = rng.example_generators(seed, idx, dev, purpose="calibration")
+    x = x_int[torch.tensor(idx)].to(dev)
     jobs = draw_jobs(
-        model, x_int[torch.tensor(idx, device=x_int.device)], num_levels, dequantization, 1,
+        model, x, num_levels, dequantization, 1,
         divergence, num_probes=num_probes, generator=gens, uniform_gamma_start=uniform_gamma_start,
     )  # fmt: skip
     base = base.resolved(d)

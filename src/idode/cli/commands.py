@@ -128,6 +128,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         device=args.device,
         progress=not args.no_progress,
         overwrite=args.overwrite,
+        max_solver_error=args.max_solver_error,
+        solver_check=args.solver_check,
         **{k: getattr(args, k) for k in EVAL_FLAGS},
     )
     print(_bpd_line(result))
@@ -136,6 +138,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _bpd_line(result: dict) -> str:
+    """'truncated_normal (K=5) bits/dim: mean +- SE (95% CI ..); solver error max .., mean ..'."""
+    from idode.certify import summary_line
+
+    return f"{_interval_line(result)}; {summary_line(result.get('solver_error'))}"
+
+
+def _interval_line(result: dict) -> str:
     """'truncated_normal (K=5) bits/dim: mean +- SE (95% CI ..)', or the value alone for n = 1."""
     st, bpd = result["settings"], result["bpd"]
     what = st["dequantization"] + (f", K={st['num_samples']}" if st["num_samples"] > 1 else "")

@@ -87,6 +87,22 @@ def _out_path(text: str, folder: bool) -> str:
     return text
 
 
+def _check_size(text: str) -> int | float:
+    """--solver-check: a count of jobs (e.g. 8, 0 = off) or a fraction in (0, 1) (e.g. 0.02)."""
+    from idode.certify import num_check_jobs
+    from idode.validation import InputError
+
+    try:
+        value: int | float = int(text)
+    except ValueError:
+        value = _arg_float(text)
+    try:
+        num_check_jobs(1, value)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    return value
+
+
 def _device(text: str) -> str:
     from idode.validation import check_device
 
@@ -100,6 +116,7 @@ NON_NEGATIVE_FLOAT = _arg_type("non_negative_float", _non_negative)
 OUT_DIR = _arg_type("out_dir", lambda t: _out_path(t, True))
 OUT_PREFIX = _arg_type("out_prefix", lambda t: _out_path(t, False))
 DEVICE = _arg_type("device", _device)
+CHECK_SIZE = _arg_type("check_size", _check_size)
 
 
 _STOP_NOTE = (
@@ -223,6 +240,20 @@ def _add_eval(sub) -> None:
         "--logp-atol", type=POSITIVE_FLOAT, help="log-density tolerance, nats (with logp)"
     )
     e.add_argument("--seed", type=int, help="noise and probe seed (default: checkpoint)")
+    e.add_argument(
+        "--max-solver-error",
+        type=POSITIVE_FLOAT,
+        metavar="EPS",
+        help="target solver error per image, bits/dim (e.g. 0.002): calibrate rtol/atol for it "
+        "on a few images first (replaces --rtol/--atol)",
+    )
+    e.add_argument(
+        "--solver-check",
+        type=CHECK_SIZE,
+        metavar="N|FRACTION",
+        help="jobs solved again 100x tighter (network in float64) to measure the solver error: "
+        "a count or a fraction (default max(8, 2%%); 0: off)",
+    )
     e.add_argument("--max-examples", type=POSITIVE_INT, default=None)
     e.add_argument("--data-root", default=None, help="override the dataset directory")
     e.add_argument("--data", choices=list(DATASETS), help="dataset (needed for a diffusers folder)")
