@@ -21,6 +21,7 @@ LAYERS: dict[int, set[str]] = {
         "dequantization",
         "likelihood",
         "continuous",
+        "certify",
         "sampler",
     },
     2: {  # models, data, configs and file formats

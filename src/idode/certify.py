@@ -349,8 +349,9 @@ def _convergence(ref_model, jobs, ref_lp, divergence, shape, ref_tols, kw) -> tu
     tight = ref_tols.scaled(CONVERGENCE_FACTOR, d)
     lp, steps = solve_jobs(ref_model, sub, divergence, shape, tight, **kw)
     gap = nats_to_bits_per_dim((lp - ref_lp[:m]).abs(), d).max().item()
+    nfe = int(nfe_of_steps(steps).sum())
     return {"jobs": m, "rtol": tight.rtol, "atol": tight.atol, "logp_atol": tight.logp_atol,
-            "max_abs_diff_bpd": gap}, int(nfe_of_steps(steps).sum())  # fmt: skip
+            "max_abs_diff_bpd": gap, "nfe": nfe}, nfe  # fmt: skip
 
 
 def warn_report(report: SolverErrorReport) -> None:

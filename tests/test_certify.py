@@ -1,0 +1,173 @@
+"""The measured solver error and the calibration (idode.certify) against closed forms.
+
+Gaussian data x0 ~ N(0, s2 I) with the optimal network: the probability-flow ODE is linear,
+z_end = z sqrt(v_max / v_min), and a Rademacher probe gives the exact divergence of its
+c(gamma) I Jacobian, so log p_ODE(z) = log N(z_end; 0, sigma_max^2 I) + d/2 log(v_max / v_min)
+exactly, whatever the probe.
+"""
+
+import json
+import math
+
+import pytest
+import torch
+from problems import GaussianOptimalNet, InDtype, marginal_variance
+
+import idode
+from idode import certify, rng
+from idode.continuous import draw_jobs, iter_bits_per_dim
+from idode.dequantization import dequantize
+from idode.divergence import sample_probes
+
+S2, D = 0.5, 16
+
+
+def _models():
+    s = idode.VPSchedule()
+    f32 = idode.DiffusionODE(InDtype(GaussianOptimalNet(s, S2, "eps"), torch.float32), s, "eps")
+    f64 = idode.DiffusionODE(GaussianOptimalNet(s, S2, "eps"), s, "eps")  # an independent copy
+    return f32, f64
+
+
+def _images(n, seed=0):
+    return torch.randint(0, 256, (n, D), generator=torch.Generator().manual_seed(seed))
+
+
+def _starts(model, x, seed):
+    """Each example's probe, then its draw, from its own stream: as an evaluation draws them."""
+    gens = rng.example_generators(seed, range(len(x)), purpose="dequantization")
+    probes = torch.stack([sample_probes((1, D), "rademacher", generator=g)[0] for g in gens])
+    dq = dequantize("truncated_normal", x, 256, model.schedule, generator=gens)
+    return dq.z, probes, dq.gamma_start
+
+
+def _exact_log_p(model, z, gamma_start):
+    """The closed-form log p_ODE of the Gaussian problem (prior N(0, sigma_max^2 I))."""
+    s = model.schedule
+    v0 = float(marginal_variance(s, gamma_start, S2))
+    v1 = float(marginal_variance(s, s.gamma_max, S2))
+    z_end = z.double() * math.sqrt(v1 / v0)
+    prior = -0.5 * D * math.log(2 * math.pi * s.sigma2_max) - 0.5 * z_end.square().sum(1) / (
+        s.sigma2_max
+    )
+    return prior + 0.5 * D * math.log(v1 / v0)
+
+
+def _bpd(nats):
+    return nats / (D * math.log(2))
+
+
+def test_reported_error_is_the_difference_of_two_solves():
+    """solver_error's rows are the evaluation's solve minus an independent reference solve."""
+    f32, f64 = _models()
+    x, n = _images(6), 6
+    gens = rng.example_generators(0, range(n), purpose="dequantization")
+    res = idode.bits_per_dim(f32, x, rtol=1e-2, atol=1e-2, solver_check=n, generator=gens)
+    se = res.solver_error
+    assert se["checked"] == n and [(j["index"], j["draw"]) for j in se["jobs"]] == [
+        (i, 0) for i in range(n)
+    ]
+    ref = se["reference"]
+    assert ref["rtol"] == pytest.approx(1e-4) and ref["network_dtype"] == "float64"
+    # the reference, solved again here with log_likelihood on the same noise and probes
+    z, probes, g0 = _starts(f32, x, 0)
+    ll = idode.log_likelihood(
+        f64, z, "rademacher", ref["rtol"], ref["atol"], gamma_start=g0, probes=probes,
+        logp_atol=ref["logp_atol"],
+    )  # fmt: skip
+    want = _bpd(ll.logp - res.log_p_model[:, 0])  # eval minus reference, bits/dim
+    got = torch.tensor([j["diff_bpd"] for j in se["jobs"]], dtype=torch.float64)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
+    # ... and that difference is the true error of the evaluation (closed form)
+    true = _bpd(_exact_log_p(f32, z, g0) - res.log_p_model[:, 0])
+    assert true.abs().max() > 1e-3  # a loose solve: a visible error
+    torch.testing.assert_close(got, true, rtol=0, atol=1e-4)
+    assert se["max_abs_bpd"] == pytest.approx(got.abs().max().item(), rel=1e-12)
+    assert se["mean_abs_bpd"] == pytest.approx(got.abs().mean().item(), rel=1e-12)
+    assert se["mean_signed_bpd"] == pytest.approx(got.mean().item(), rel=1e-12)
+    assert se["reference"]["convergence"]["max_abs_diff_bpd"] < 1e-4
+    conv = se["reference"]["convergence"]
+    assert se["check_nfe"] == sum(j["reference_nfe"] for j in se["jobs"]) + conv["nfe"]
+    assert se["nfe_overhead"] == se["check_nfe"] / int(res.nfe_per_example.sum())
+    json.dumps(se)  # eval.json material
+
+
+def test_check_jobs_are_seeded_and_independent_of_batch_size():
+    assert certify.num_check_jobs(100) == 8 and certify.num_check_jobs(1000) == 20
+    assert certify.num_check_jobs(5) == 5 and certify.num_check_jobs(1000, 0.1) == 100
+    assert certify.num_check_jobs(1000, 3) == 3 and certify.choose_check_jobs(1000, 0) == []
+    a = certify.choose_check_jobs(1000, None, seed=3)
+    assert a == certify.choose_check_jobs(1000, None, seed=3) == sorted(set(a)) and len(a) == 20
+    assert a != certify.choose_check_jobs(1000, None, seed=4)
+    for bad in (-1, 1.5, 1.0, True, "8"):
+        with pytest.raises(ValueError, match="solver_check"):
+            certify.num_check_jobs(10, bad)
+    # the same jobs and the same measured errors whatever the batch size
+    f32, _ = _models()
+    x = _images(5, seed=1)
+    out = []
+    for bs in (None, 2):
+        gens = rng.example_generators(7, range(5), purpose="dequantization")
+        res = idode.bits_per_dim(f32, x, num_samples=2, rtol=1e-3, atol=1e-3, solver_check=4,
+                                 generator=gens, batch_size=bs)  # fmt: skip
+        out.append(res.solver_error["jobs"])
+    assert [(j["index"], j["draw"]) for j in out[0]] == [(j["index"], j["draw"]) for j in out[1]]
+    for a, b in zip(*out, strict=True):
+        assert a["diff_bpd"] == pytest.approx(b["diff_bpd"], abs=1e-7)
+
+
+def test_regenerated_starts_equal_the_recorded_ones():
+    """draw_jobs (what the check of an evaluation uses) = the starts the evaluation solved."""
+    f32, _ = _models()
+    x = _images(4, seed=2)
+    record = dict.fromkeys([(0, 1), (2, 0), (3, 1)])
+    gens = rng.example_generators(5, range(4), purpose="dequantization")
+    for _ in iter_bits_per_dim(f32, x, 256, "truncated_normal", 2, "rademacher", rtol=1e-2,
+                               atol=1e-2, batch_size=3, generator=gens, record=record):  # fmt: skip
+        pass
+    gens = rng.example_generators(5, range(4), purpose="dequantization")
+    drawn = draw_jobs(f32, x, 256, "truncated_normal", 2, "rademacher", generator=gens)
+    again = certify.select_jobs(drawn, list(record))
+    assert torch.equal(again.y0, certify.stack_jobs(list(record.values())).y0)
+    assert torch.equal(again.aux, certify.stack_jobs(list(record.values())).aux)
+
+
+def test_calibration_meets_the_target_on_a_gaussian():
+    """The chosen tolerance meets EPS on fresh images (closed form), and looser rungs did not."""
+    f32, _ = _models()
+    eps = 1e-4
+    cal = certify.calibrate(f32, _images(8), 256, max_solver_error=eps, num_examples=4)
+    assert cal.met and cal.ladder[-1]["passed"] and cal.ladder[-1]["rtol"] == cal.chosen.rtol
+    assert not cal.ladder[0]["passed"] and cal.ladder[0]["max_abs_bpd"] > eps / 2
+    assert [r["rtol"] for r in cal.ladder] == list(certify.LADDER[: len(cal.ladder)])
+    # the library path: calibrate, record the choice, solve, check
+    x, n = _images(6, seed=9), 6
+    gens = rng.example_generators(0, range(n), purpose="dequantization")
+    res = idode.bits_per_dim(f32, x, max_solver_error=eps, generator=gens)
+    st = res.settings
+    assert st["max_solver_error"] == eps and st["calibration"]["chosen"]["rtol"] == st["rtol"]
+    assert st["rtol"] == cal.chosen.rtol < 1e-5
+    z, _, g0 = _starts(f32, x, 0)
+    true = _bpd(_exact_log_p(f32, z, g0) - res.log_p_model[:, 0])
+    assert true.abs().max() <= eps
+    assert res.solver_error["checked"] == n and res.solver_error["within_target"]
+
+
+def test_warnings_when_the_target_is_missed():
+    f32, _ = _models()
+    with pytest.warns(certify.SolverErrorWarning, match="no tolerance down to rtol=0.01"):
+        cal = certify.calibrate(f32, _images(4), 256, max_solver_error=1e-6, ladder=(1e-2,),
+                                num_examples=2)  # fmt: skip
+    assert not cal.met and cal.chosen.rtol == 1e-2
+    x = _images(3)
+    gens = rng.example_generators(0, range(3), purpose="dequantization")
+    res = idode.bits_per_dim(f32, x, rtol=1e-2, atol=1e-2, solver_check=3, generator=gens)
+    gens = rng.example_generators(0, range(3), purpose="dequantization")
+    jobs = draw_jobs(f32, x, 256, "truncated_normal", 1, "rademacher", generator=gens)
+    lp, steps, tols = res.log_p_model[:, 0], res.steps[:, 0], certify.Tolerances(1e-2, 1e-2)
+    with pytest.warns(certify.SolverErrorWarning, match=r"exceeds max_solver_error=1e-06"):
+        rep = certify.check_jobs(f32, jobs, lp, steps, "rademacher", (D,), tols, eval_nfe=100,
+                                 max_solver_error=1e-6)  # fmt: skip
+    assert rep.as_dict()["within_target"] is False
+    assert rep.as_dict()["max_abs_bpd"] == pytest.approx(res.solver_error["max_abs_bpd"])
+    assert "EXCEEDED" in certify.summary_line(rep.as_dict())
