@@ -22,6 +22,7 @@ LAYERS: dict[int, set[str]] = {
         "likelihood",
         "continuous",
         "certify",
+        "calibration",
         "sampler",
     },
     2: {  # models, data, configs and file formats

@@ -14,7 +14,7 @@ import torch
 from problems import GaussianOptimalNet, InDtype, marginal_variance
 
 import idode
-from idode import certify, rng
+from idode import calibration, certify, rng
 from idode.continuous import draw_jobs, iter_bits_per_dim
 from idode.dequantization import dequantize
 from idode.divergence import sample_probes
@@ -136,10 +136,10 @@ def test_calibration_meets_the_target_on_a_gaussian():
     """The chosen tolerance meets EPS on fresh images (closed form), and looser rungs did not."""
     f32, _ = _models()
     eps = 1e-4
-    cal = certify.calibrate(f32, _images(8), 256, max_solver_error=eps, num_examples=4)
+    cal = calibration.calibrate(f32, _images(8), 256, max_solver_error=eps, num_examples=4)
     assert cal.met and cal.ladder[-1]["passed"] and cal.ladder[-1]["rtol"] == cal.chosen.rtol
     assert not cal.ladder[0]["passed"] and cal.ladder[0]["max_abs_bpd"] > eps / 2
-    assert [r["rtol"] for r in cal.ladder] == list(certify.LADDER[: len(cal.ladder)])
+    assert [r["rtol"] for r in cal.ladder] == list(calibration.LADDER[: len(cal.ladder)])
     # the library path: calibrate, record the choice, solve, check
     x, n = _images(6, seed=9), 6
     gens = rng.example_generators(0, range(n), purpose="dequantization")
@@ -156,7 +156,7 @@ def test_calibration_meets_the_target_on_a_gaussian():
 def test_warnings_when_the_target_is_missed():
     f32, _ = _models()
     with pytest.warns(certify.SolverErrorWarning, match="no tolerance down to rtol=0.01"):
-        cal = certify.calibrate(f32, _images(4), 256, max_solver_error=1e-6, ladder=(1e-2,),
+        cal = calibration.calibrate(f32, _images(4), 256, max_solver_error=1e-6, ladder=(1e-2,),
                                 num_examples=2)  # fmt: skip
     assert not cal.met and cal.chosen.rtol == 1e-2
     x = _images(3)

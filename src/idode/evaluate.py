@@ -37,7 +37,7 @@ from typing import Any, get_args
 import torch
 from torch import Tensor
 
-from idode import certify
+from idode import calibration, certify
 from idode.checkpoint import LoadedCheckpoint, find_checkpoint, load_model, run_folder
 from idode.config import Config, ConfigError, DataConfig, EvalConfig, apply_overrides
 from idode.continuous import bpd_columns, iter_bits_per_dim, stack_examples
@@ -269,10 +269,9 @@ def evaluate(
     settings fingerprint and eval.json go (default ``default_eval_dir``); rerunning into the same
     out_dir resumes. max_examples: only the first N examples of the split. overwrite: discard
     earlier results in out_dir instead of resuming (needed when the settings changed).
-    max_solver_error (bits/dim per image): calibrate rtol/atol/logp_atol for this accuracy first
-    (``idode.certify.calibrate``, recorded in eval.json["calibration"]). solver_check: how many
-    (int) or what fraction of the (example, draw) jobs are solved again at a 100x tighter
-    float64 reference for eval.json["solver_error"] (None: max(8, 2 %); 0: off).
+    max_solver_error (bits/dim per image): calibrate rtol/atol/logp_atol for it first (eval.json
+    "calibration"). solver_check: how many (int) or what fraction of the jobs are solved again
+    for the measured "solver_error" (``idode.certify``; None: max(8, 2 %); 0: off).
     """
     t0 = time.perf_counter()
     flags = dict(dequantization=dequantization, num_samples=num_samples,
@@ -280,16 +279,14 @@ def evaluate(
                  atol=atol, batch_size=batch_size, seed=seed, tolerance=tolerance,
                  logp_atol=logp_atol)  # fmt: skip
     _check_arguments(split, max_examples, flags)
-    _check_certify_arguments(max_solver_error, solver_check)
+    certify.check_arguments(max_solver_error, solver_check)  # InputError
     env, dev, model, ck, ds = _load(
         checkpoint, ema, device, split, data_root, max_examples, data, overrides
     )
     ev, source = resolve_settings(ck.config, **flags)
-    calibration = None
-    if max_solver_error is not None:  # rank 0 calibrates, every rank solves with its choice
-        calibration = _calibrate(model, ds, ev, max_solver_error, dev) if env.is_main else None
-        calibration = broadcast(calibration, env)
-        ev, source = _calibrated(ev, source, calibration)
+    cal = None
+    if max_solver_error is not None:
+        ev, source, cal = _calibrate(model, ds, ev, source, max_solver_error, dev, env)
     out = Path(out_dir) if out_dir is not None else default_eval_dir(ck, split, ev)
     fingerprint = _fingerprint(ck, ema, split, ev, with_elbo, dev)
     if max_solver_error is not None:
@@ -309,7 +306,7 @@ def evaluate(
         result.update(
             solver_error=_check_solver(model, ds, rows, ev, solver_check, max_solver_error, dev),
             local_error_estimate=_solver_error(rows),
-            calibration=calibration,
+            calibration=cal,
             wall_seconds=time.perf_counter() - t0,
             settings={**fingerprint, "batch_size": ev.batch_size, "max_examples": max_examples,
                       "data_root": data_root, "device": str(dev), "world_size": env.world_size},
@@ -362,43 +359,29 @@ def _evaluate_examples(model, ds, out: Path, ev: EvalConfig, with_elbo: bool, en
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_certify_arguments(max_solver_error, solver_check) -> None:
-    if max_solver_error is not None and not (
-        isinstance(max_solver_error, int | float) and 0 < max_solver_error < math.inf
-    ):
-        raise ConfigError(f"max_solver_error must be a positive number of bits/dim (e.g. 0.002), "
-                          f"got {max_solver_error!r}")  # fmt: skip
-    try:
-        certify.num_check_jobs(1, solver_check)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def _tolerances(ev: EvalConfig) -> certify.Tolerances:
-    return certify.Tolerances(ev.rtol, ev.atol, ev.tolerance, ev.logp_atol)
-
-
-def _calibrate(model, ds, ev: EvalConfig, max_solver_error: float, dev) -> dict:
-    """eval.json's "calibration": the ladder on a few test images and the tolerance it chose."""
-    return certify.calibrate(
-        model, ds.as_tensor(), ds.num_levels, ev.dequantization, ev.divergence,
-        max_solver_error=max_solver_error, base=_tolerances(ev), seed=ev.seed,
-        batch_size=ev.batch_size, device=dev,
-    ).as_dict()  # fmt: skip
-
-
-def _calibrated(ev: EvalConfig, source: dict, calibration: dict):
-    c = calibration["chosen"]
+def _calibrate(model, ds, ev: EvalConfig, source: dict, max_solver_error: float, dev, env):
+    """(settings, their sources, eval.json's "calibration"): rank 0 calibrates on a few test
+    images, every rank evaluates with its choice."""
+    cal = None
+    if env.is_main:
+        cal = calibration.calibrate(
+            model, ds.as_tensor(), ds.num_levels, ev.dequantization, ev.divergence,
+            max_solver_error=max_solver_error, seed=ev.seed, batch_size=ev.batch_size, device=dev,
+            base=certify.Tolerances(ev.rtol, ev.atol, ev.tolerance, ev.logp_atol),
+        ).as_dict()  # fmt: skip
+    cal = broadcast(cal, env)
+    c = cal["chosen"]
     ev = replace(ev, rtol=c["rtol"], atol=c["atol"], logp_atol=c["logp_atol"])
-    return ev, {**source, "rtol": "calibration", "atol": "calibration", "logp_atol": "calibration"}
+    return ev, {**source, **dict.fromkeys(("rtol", "atol", "logp_atol"), "calibration")}, cal
 
 
 def _check_solver(model, ds, rows, ev: EvalConfig, check, max_solver_error, dev) -> dict:
     """eval.json's "solver_error": chosen jobs solved again at the reference (rank 0)."""
     return certify.check_rows(
         model, ds.as_tensor(), rows, ds.num_levels, ev.dequantization, ev.num_samples,
-        ev.divergence, _tolerances(ev), seed=ev.seed, check=check,
-        max_solver_error=max_solver_error, batch_size=ev.batch_size, device=dev,
+        ev.divergence, certify.Tolerances(ev.rtol, ev.atol, ev.tolerance, ev.logp_atol),
+        seed=ev.seed, check=check, max_solver_error=max_solver_error, batch_size=ev.batch_size,
+        device=dev,
     ).as_dict()  # fmt: skip
 
 

@@ -284,13 +284,11 @@ def bits_per_dim(
     generator per example (``rng.example_generators``) for results independent of batching.
     ``tolerance``/``logp_atol``: error control, see ``TOLERANCES`` (``"paper"`` = one RMS norm).
 
-    ``max_solver_error`` (bits/dim per image): calibrate the tolerance for this accuracy first
-    (``idode.certify.calibrate``; it replaces rtol/atol/logp_atol, recorded in
-    ``settings["calibration"]``) and check it. ``solver_check``: re-solve this many (int) or this
-    fraction of the (example, draw) jobs at a 100x tighter float64 reference, into
-    ``res.solver_error``; None: max(8, 2 %) of them when ``max_solver_error`` is set, else none.
+    ``max_solver_error`` (bits/dim per image) calibrates rtol/atol/logp_atol for it first
+    (``settings["calibration"]``); ``solver_check`` (a count or a fraction of the jobs; None:
+    max(8, 2 %) with ``max_solver_error``, else 0) measures ``res.solver_error`` (``certify``).
     """
-    from idode import certify
+    from idode import calibration
     from idode.continuous import bpd_columns, iter_bits_per_dim, stack_examples
 
     _check_bpd_arguments(x_int, num_levels, dequantization, divergence, num_samples, batch_size)
@@ -299,7 +297,7 @@ def bits_per_dim(
     b, d = x_int.shape[0], x_int[0].numel()
     stats = SolverStats()
     examples = {}
-    cert = certify.LibraryCheck(max_solver_error, solver_check, x_int.shape, num_samples)
+    cert = calibration.LibraryCheck(max_solver_error, solver_check, x_int.shape, num_samples)
     if max_solver_error is not None:
         rtol, atol, logp_atol = cert.calibrate(
             model, x_int, num_levels, dequantization, divergence, rtol, atol, tolerance,
@@ -307,24 +305,11 @@ def bits_per_dim(
             uniform_gamma_start=uniform_gamma_start, net_kwargs=net_kwargs,
         )  # fmt: skip
     stream = iter_bits_per_dim(
-        model,
-        x_int,
-        num_levels,
-        dequantization,
-        num_samples,
-        divergence,
-        rtol=rtol,
-        atol=atol,
-        tolerance=tolerance,
-        logp_atol=logp_atol,
-        batch_size=batch_size,
-        num_probes=num_probes,
-        generator=generator,
-        uniform_gamma_start=uniform_gamma_start,
-        net_kwargs=net_kwargs,
-        stats=stats,
-        record=cert.record,
-    )
+        model, x_int, num_levels, dequantization, num_samples, divergence, rtol=rtol, atol=atol,
+        tolerance=tolerance, logp_atol=logp_atol, batch_size=batch_size, num_probes=num_probes,
+        generator=generator, uniform_gamma_start=uniform_gamma_start, net_kwargs=net_kwargs,
+        stats=stats, record=cert.record,
+    )  # fmt: skip
     for group in stream:
         examples.update((e.index, e) for e in group)
     ex, dev = [examples[i] for i in range(b)], x_int.device
