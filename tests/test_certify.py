@@ -171,3 +171,73 @@ def test_warnings_when_the_target_is_missed():
     assert rep.as_dict()["within_target"] is False
     assert rep.as_dict()["max_abs_bpd"] == pytest.approx(res.solver_error["max_abs_bpd"])
     assert "EXCEEDED" in certify.summary_line(rep.as_dict())
+
+
+# --------------------------------------------------------------------------------------------------
+# idode eval on a tiny trained checkpoint
+# --------------------------------------------------------------------------------------------------
+
+TINY = ["train.steps=20", "train.eval_every=0", "train.checkpoint_every=20", "model.n_embd=8",
+        "model.n_layers=1", "model.fourier_features=false"]  # fmt: skip
+EVAL = ["--max-examples", "6", "--rtol", "1e-3", "--atol", "1e-3", "--no-elbo", "--no-progress",
+        "--device", "cpu"]  # fmt: skip
+CONTRACT = {"checked", "mean_abs_bpd", "max_abs_bpd", "mean_signed_bpd", "reference"}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    from idode.config import apply_overrides, get_preset
+    from idode.train import train
+
+    path = tmp_path_factory.mktemp("certify") / "run"
+    train(apply_overrides(get_preset("digits_cpu"), TINY), path, progress=False)
+    return path
+
+
+def test_idode_eval_reports_the_measured_error(run, tmp_path, capsys):
+    from idode.cli import main
+
+    out = tmp_path / "e"
+    assert main(["eval", "--checkpoint", str(run), "--out", str(out), *EVAL,
+                 "--solver-check", "3"]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    res = json.loads((out / "eval.json").read_text())
+    se = res["solver_error"]
+    assert CONTRACT <= set(se) and se["checked"] == 3 and len(se["jobs"]) == 3
+    assert se["reference"]["rtol"] == pytest.approx(1e-5)  # 100x tighter than the run
+    assert se["max_abs_bpd"] == max(abs(j["diff_bpd"]) for j in se["jobs"])
+    # the evaluated log p of each checked job is the one in per_example.jsonl
+    rows = {r["index"]: r for r in map(json.loads, (out / "per_example.jsonl").open())}
+    for j in se["jobs"]:
+        assert j["log_p_nats"] == rows[j["index"]]["log_p_model_nats"][j["draw"]]
+    assert res["local_error_estimate"]["bpd_max"] > 0 and res["calibration"] is None
+    assert f"solver error max {se['max_abs_bpd']:.4f}" in printed and "95% CI" in printed
+    # off
+    assert main(["eval", "--checkpoint", str(run), "--out", str(tmp_path / "off"), *EVAL,
+                 "--solver-check", "0"]) == 0  # fmt: skip
+    off = json.loads((tmp_path / "off" / "eval.json").read_text())["solver_error"]
+    assert off["checked"] == 0 and off["max_abs_bpd"] is None
+    assert "solver error not measured" in capsys.readouterr().out
+
+
+def test_idode_eval_calibrates_for_a_target(run, tmp_path, capsys):
+    from idode.cli import main
+
+    out = tmp_path / "cal"
+    assert main(["eval", "--checkpoint", str(run), "--out", str(out), *EVAL,
+                 "--max-solver-error", "0.05", "--solver-check", "0.5"]) == 0  # fmt: skip
+    res = json.loads((out / "eval.json").read_text())
+    cal, st = res["calibration"], res["settings"]
+    assert cal["max_solver_error"] == 0.05 and cal["ladder"][-1]["passed"]
+    assert st["rtol"] == cal["chosen"]["rtol"] == cal["ladder"][-1]["rtol"]
+    assert res["settings_source"]["rtol"] == "calibration" and st["max_solver_error"] == 0.05
+    se = res["solver_error"]
+    assert se["checked"] == 3 and se["max_solver_error"] == 0.05
+    assert se["within_target"] == (se["max_abs_bpd"] <= 0.05)
+    capsys.readouterr()
+    for bad in (["--solver-check", "1.5"], ["--solver-check", "-2"], ["--max-solver-error", "0"]):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", "--checkpoint", str(run), *EVAL, *bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("idode: error:") and len(err.strip().splitlines()) == 1

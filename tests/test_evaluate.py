@@ -257,6 +257,12 @@ def test_periodic_evaluation_follows_the_protocol(protocol_ckpt):
     assert "eval/ode_bpd_uniform" in m and "eval/ode_bpd_tn" not in m
     # K = 2 draws per image: at least 2 x (6 steps + 2) evaluations per image
     assert m["eval/ode_nfe"][-1][1] >= 2 * 8
+    # the measured solver error: all 2 x 2 jobs (fewer than the default 8) solved again
+    err_max, err_mean = (
+        m["eval/ode_solver_error_max"][-1][1],
+        m["eval/ode_solver_error_mean"][-1][1],
+    )
+    assert err_max >= err_mean > 0
 
 
 def test_bad_arguments_are_refused_before_anything_is_written(protocol_ckpt, tmp_path):
