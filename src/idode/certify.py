@@ -1,4 +1,4 @@
-"""Measured solver error of bits/dim, and the tolerance that meets a target accuracy.
+"""Measured solver error of bits/dim: chosen jobs solved again at a converged reference.
 
 The solver's own error report (the sum of local error estimates of log p, ``logp_error`` /
 ``solver_error_bpd``) is a *local* estimate: on trained models it underestimates the error of the
