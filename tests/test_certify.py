@@ -99,6 +99,8 @@ def test_check_jobs_are_seeded_and_independent_of_batch_size():
     a = certify.choose_check_jobs(1000, None, seed=3)
     assert a == certify.choose_check_jobs(1000, None, seed=3) == sorted(set(a)) and len(a) == 20
     assert a != certify.choose_check_jobs(1000, None, seed=4)
+    # calibration picks its images from a stream of its own: not the images the check re-solves
+    assert a != certify.choose_check_jobs(1000, None, seed=3, purpose="calibration")
     for bad in (-1, 1.5, 1.0, True, "8"):
         with pytest.raises(ValueError, match="solver_check"):
             certify.num_check_jobs(10, bad)

@@ -98,7 +98,7 @@ def calibrate(
     check_arguments(max_solver_error, None)
     tic, shape = time.perf_counter(), tuple(x_int.shape[1:])
     d, n = math.prod(shape), x_int.shape[0]
-    idx = choose_check_jobs(n, min(num_examples, n), seed)
+    idx = choose_check_jobs(n, min(num_examples, n), seed, purpose="calibration")  # not the check's
     dev = torch.device(device) if device is not None else x_int.device
     gens = rng.example_generators(seed, idx, dev, purpose="calibration")
     x = x_int[torch.tensor(idx)].to(dev)

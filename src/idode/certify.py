@@ -158,16 +158,18 @@ def check_arguments(max_solver_error: float | None, check: CheckSize) -> None:
     num_check_jobs(1, check)
 
 
-def choose_check_jobs(num_jobs: int, check: CheckSize = None, seed: int = 0) -> list[int]:
+def choose_check_jobs(
+    num_jobs: int, check: CheckSize = None, seed: int = 0, purpose: str = "solver_check"
+) -> list[int]:
     """The jobs (sorted positions in 0..num_jobs-1) the check re-solves.
 
-    Job j is (example j // K, draw j % K). The choice depends on (num_jobs, check, seed) alone,
-    not on the batch size, the order of solves or the number of processes.
+    Job j is (example j // K, draw j % K). The choice depends on (num_jobs, check, seed,
+    purpose) alone, not on the batch size, the order of solves or the number of processes.
     """
     m = num_check_jobs(num_jobs, check)
     if m == 0:
         return []
-    perm = torch.randperm(num_jobs, generator=rng.stream(seed, "solver_check"))
+    perm = torch.randperm(num_jobs, generator=rng.stream(seed, purpose))
     return sorted(perm[:m].tolist())
 
 

@@ -14,6 +14,7 @@ def test_demo_quick_writes_a_readable_report(tmp_path, capsys):
         "variational",
         "SDE bound",
         "95% interval",
+        "solver error, max",
         "bpd_by_dequantization.png",
         "learning_curves.png",
         "samples.png",
@@ -32,3 +33,7 @@ def test_demo_quick_writes_a_readable_report(tmp_path, capsys):
     assert set(res) == {"truncated_normal", "variational", "uniform"}
     assert all(r["bpd"]["n"] == 24 for r in res.values())
     assert res["truncated_normal"]["elbo"]["n"] == 24
+    # the measured solver error beside the interval: 3 of the 24 images in a quick run
+    assert all(r["solver_error"]["checked"] == 3 for r in res.values())
+    se = res["truncated_normal"]["solver_error"]
+    assert f"{se['max_abs_bpd']:.4f} (3)" in report
