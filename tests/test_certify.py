@@ -252,3 +252,28 @@ def test_idode_eval_calibrates_for_a_target(run, tmp_path, capsys):
         assert e.value.code == 2
         err = capsys.readouterr().err
         assert err.startswith("idode: error:") and len(err.strip().splitlines()) == 1
+
+
+def test_the_protocol_carries_the_check_and_the_target():
+    """solver_check / max_solver_error are Protocol fields: keywords, protocol= and eval.* agree."""
+    from idode.config import ConfigError, apply_overrides
+    from idode.presets import get_preset
+
+    f32, _ = _models()
+    x = _images(3, seed=4)
+    p = idode.Protocol(rtol=1e-3, atol=1e-3, solver_check=2)
+    a = idode.bits_per_dim(f32, x, protocol=p)
+    gens = p.generators(range(3))
+    b = idode.bits_per_dim(f32, x, rtol=1e-3, atol=1e-3, solver_check=2, generator=gens)
+    assert a.settings["solver_check"] == 2.0 and a.solver_error["checked"] == 2
+    for ja, jb in zip(a.solver_error["jobs"], b.solver_error["jobs"], strict=True):
+        assert (ja["index"], ja["draw"]) == (jb["index"], jb["draw"])
+        assert ja["diff_bpd"] == pytest.approx(jb["diff_bpd"], abs=1e-9)
+    assert idode.bits_per_dim(f32, x, rtol=1e-3, atol=1e-3).solver_error is None  # library: off
+    with pytest.raises(ValueError, match="neither a count nor a fraction"):
+        idode.Protocol(solver_check=2.5).validate()
+    cfg = apply_overrides(get_preset("digits_cpu"), ["eval.solver_check=0.02",
+                                                     "eval.max_solver_error=0.002"])  # fmt: skip
+    assert cfg.eval.solver_check == 0.02 and cfg.eval.protocol.max_solver_error == 0.002
+    with pytest.raises(ConfigError, match="eval.solver_check"):
+        apply_overrides(get_preset("digits_cpu"), ["eval.solver_check=2.5"]).validate()
