@@ -19,7 +19,10 @@ JSON and fingerprint contract:
   before compares ``from_json(saved)`` with the protocol (``differences``), not fingerprints.
 
 Execution settings that do not change the numbers (rows per network call, device, the number of
-examples, progress bars) are not part of a protocol.
+examples, progress bars) are not part of a protocol. ``solver_check`` is: it sets the measured
+solver error that is reported with the bits/dim, though not the bits/dim itself, so an
+evaluation folder's resume guard ignores it (``evaluate``) while the fingerprint includes it.
+``max_solver_error`` sets the tolerances (by calibration) and so is guarded like them.
 """
 
 from __future__ import annotations
