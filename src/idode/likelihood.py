@@ -203,11 +203,8 @@ def bits_per_dim(
     """
     given = {k: v for k, v in locals().items() if k in Protocol.field_names()}
     protocol, generator = _resolve(protocol, given, generator, x_int)
-    check_integer_data(x_int, num_levels)
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    b = x_int.shape[0]
-    stats, examples = SolverStats(), {}
+    _check_call(x_int, num_levels, batch_size)
+    b, stats, examples = x_int.shape[0], SolverStats(), {}
     cert = LibraryCheck(protocol, x_int.shape)
     protocol = cert.calibrate(
         model, x_int, num_levels, batch_size=batch_size, net_kwargs=net_kwargs
@@ -221,6 +218,12 @@ def bits_per_dim(
     ex = [examples[i] for i in range(b)]
     res = _bpd_result(model, protocol, ex, stats, x_int, num_levels, batch_size)
     return cert.finish(model, res, batch_size, net_kwargs)
+
+
+def _check_call(x_int: Tensor, num_levels: int, batch_size: int | None) -> None:
+    check_integer_data(x_int, num_levels)
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
 
 
 def _bpd_result(model, protocol: Protocol, ex, stats, x_int, num_levels, batch_size) -> BPDResult:
