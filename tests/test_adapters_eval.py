@@ -121,14 +121,14 @@ def test_clear_errors(pipeline_dir, tmp_path, capsys):
 
 def test_eval_data_config_applies_data_name_and_data_overrides():
     from idode.config import ConfigError, DataConfig
-    from idode.evaluate import _eval_data_config
+    from idode.evalinputs import eval_data_config
 
     base = DataConfig(name="mnist", root="/a")
-    assert _eval_data_config(base, None, None) is base
-    assert _eval_data_config(base, None, ["data.root=/b"]) == DataConfig(name="mnist", root="/b")
-    got = _eval_data_config(base, "npz", ["data.path=/x.npz"])
+    assert eval_data_config(base, None, None) is base
+    assert eval_data_config(base, None, ["data.root=/b"]) == DataConfig(name="mnist", root="/b")
+    got = eval_data_config(base, "npz", ["data.path=/x.npz"])
     assert (got.name, got.root, got.path) == ("npz", "/a", "/x.npz")
     with pytest.raises(ConfigError, match="unknown data.name|data.name"):
-        _eval_data_config(base, "imagenet64", None)
+        eval_data_config(base, "imagenet64", None)
     with pytest.raises(ConfigError, match="data.\\* keys only"):
-        _eval_data_config(base, None, ["train.steps=3"])
+        eval_data_config(base, None, ["train.steps=3"])

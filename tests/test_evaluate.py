@@ -93,11 +93,13 @@ def test_eval_json_matches_the_per_example_file(reference, ckpt):
     assert res["nfe"]["per_example_median"] == pytest.approx(np.median(nfe))
     assert res["nfe"]["per_example_max"] == max(nfe)
     assert res["nfe"]["batched_total"] >= max(nfe)
-    # the solver's own error estimate, per example and summarised
+    # the solver's own (local) error estimate, per example and summarised
     assert all(r["solver_error_bpd"] > 0 for r in rows)
     errs = [r["solver_error_bpd"] for r in rows]
-    assert res["solver_error"]["bpd_max"] == max(errs)
-    assert res["solver_error"]["bpd_mean"] == pytest.approx(np.mean(errs))
+    assert res["local_error_estimate"]["bpd_max"] == max(errs)
+    assert res["local_error_estimate"]["bpd_mean"] == pytest.approx(np.mean(errs))
+    # the measured error: the default check, max(8, 2 %) of the 12 jobs
+    assert res["solver_error"]["checked"] == 8
     assert res["settings"]["tolerance"] == "paper"  # the digits preset's protocol
     assert res["checkpoint"]["step"] == 20
     assert res["checkpoint"]["path"] == str(find_checkpoint(ckpt).resolve())
@@ -254,6 +256,12 @@ def test_periodic_evaluation_follows_the_protocol(protocol_ckpt):
     assert "eval/ode_bpd_uniform" in m and "eval/ode_bpd_tn" not in m
     # K = 2 draws per image: at least 2 x (6 steps + 2) evaluations per image
     assert m["eval/ode_nfe"][-1][1] >= 2 * 8
+    # the measured solver error: all 2 x 2 jobs (fewer than the default 8) solved again
+    err_max, err_mean = (
+        m["eval/ode_solver_error_max"][-1][1],
+        m["eval/ode_solver_error_mean"][-1][1],
+    )
+    assert err_max >= err_mean > 0
 
 
 def test_bad_arguments_are_refused_before_anything_is_written(protocol_ckpt, tmp_path):

@@ -38,6 +38,8 @@ OTHER = {
     "elbo_antithetic": True,
     "elbo_prior": "unit",
     "seed": 7,
+    "max_solver_error": 0.002,
+    "solver_check": 0.05,
 }
 
 

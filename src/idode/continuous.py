@@ -28,7 +28,7 @@ from idode.protocol import Protocol
 from idode.rng import Generators
 from idode.solvers import Jobs, SolverStats, nfe_of_steps, solve_stream
 
-__all__ = ["ExampleBPD", "bpd_columns", "iter_bits_per_dim", "stack_examples"]
+__all__ = ["ExampleBPD", "bpd_columns", "draw_jobs", "iter_bits_per_dim", "stack_examples"]
 
 
 @dataclass
@@ -72,6 +72,7 @@ class _JobSource:
         protocol: Protocol,
         generator: Generators,
         example_major: bool,
+        record: dict | None = None,
     ) -> None:
         n = x_int.shape[0]
         if isinstance(generator, Sequence) and len(generator) != n:
@@ -97,6 +98,7 @@ class _JobSource:
         self.meta: dict[tuple[int, int], tuple[float, float]] = {}
         self.expected_log_q: dict[int, float] = {}
         self.gamma_start: float | None = None
+        self.record = record  # (example, draw) -> its Jobs row, for the keys it holds
 
     def _gens(self, idx: list[int]) -> Generators:
         return [self.gen[i] for i in idx] if isinstance(self.gen, Sequence) else self.gen
@@ -138,7 +140,29 @@ class _JobSource:
             for i, k in keys:
                 if k == self.k - 1:
                     del self.probes[i]  # its last draw: the probe is no longer needed
-        return Jobs(list(keys), y0, t0, t1, aux)
+        jobs = Jobs(list(keys), y0, t0, t1, aux)
+        if self.record:
+            _record(self.record, jobs)
+        return jobs
+
+
+def _record(record: dict, jobs: Jobs) -> None:
+    """Store the start (one-row ``Jobs``) of each job whose key ``record`` holds."""
+    for j, key in enumerate(jobs.keys):
+        if key in record:
+            aux = None if jobs.aux is None else jobs.aux[j : j + 1].clone()
+            row = slice(j, j + 1)
+            record[key] = Jobs([key], jobs.y0[row].clone(), jobs.t0[row], jobs.t1[row], aux)
+
+
+def draw_jobs(
+    model, x_int: Tensor, num_levels: int, protocol: Protocol, *, generator: Generators = None
+) -> Jobs:
+    """The starts of all N * K jobs of x_int [N, ...] under ``protocol``, example by example,
+    without solving. With one generator per example (in their state before an evaluation)
+    these are exactly the jobs ``iter_bits_per_dim`` solved."""
+    source = _JobSource(model, x_int, num_levels, protocol, generator, example_major=True)
+    return source(x_int.shape[0] * protocol.num_samples)
 
 
 def iter_bits_per_dim(
@@ -152,6 +176,7 @@ def iter_bits_per_dim(
     net_kwargs: dict | None = None,
     stats: SolverStats | None = None,
     progress: Callable[[float], None] | None = None,
+    record: dict | None = None,
 ) -> Iterator[list[ExampleBPD]]:
     """Yield groups of finished examples of x_int [N, ...] (validated by the caller).
 
@@ -160,11 +185,13 @@ def iter_bits_per_dim(
     taken example by example; None: N rows, the jobs taken draw by draw (all first draws, then
     all second draws, ...), like solving the K draws one after the other. ``progress(e)`` is
     told, at most twice a second, how many examples' worth of work is done (``_Progress``).
+    ``record``: a dict whose keys are (example, draw) jobs; each gets that job's start (a one-row
+    ``Jobs``), so it can be solved again with the same noise and probe (``idode.certify``).
     """
     n, shape, d = x_int.shape[0], tuple(x_int.shape[1:]), x_int[0].numel()
     tols = protocol.solver_options(d)
     source = _JobSource(
-        model, x_int, num_levels, protocol, generator, example_major=batch_size is not None
+        model, x_int, num_levels, protocol, generator, batch_size is not None, record
     )
     num_samples = protocol.num_samples
     field_ = augmented_field(model, protocol.divergence, shape, net_kwargs)

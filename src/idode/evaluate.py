@@ -39,11 +39,12 @@ from typing import Any, get_args
 import torch
 from torch import Tensor
 
+from idode.calibration import calibrate
+from idode.certify import check_rows
 from idode.checkpoint import LoadedCheckpoint, find_checkpoint, load_model, run_folder
-from idode.config import Config, ConfigError, DataConfig, EvalConfig, apply_overrides
+from idode.config import Config, ConfigError, EvalConfig
 from idode.continuous import iter_bits_per_dim, stack_examples
 from idode.data import (
-    DATASETS,
     DatasetName,
     Split,
     dataset_from_config,
@@ -63,6 +64,7 @@ from idode.evalfiles import (
     prepare_out_dir,
     read_per_example,
 )
+from idode.evalinputs import check_folder_data, eval_data_config, load_model_folder
 from idode.likelihood import elbo
 from idode.precision import PRECISIONS, Precision
 from idode.protocol import Protocol
@@ -160,17 +162,17 @@ def _load(checkpoint, ema: bool, device: str, split: str, data_root, max_example
 
     env, dev = setup(device, key="--device")
     if is_model_folder(checkpoint):
-        model, ck = _load_model_folder(checkpoint, dev, data, overrides, data_root)
+        model, ck = load_model_folder(checkpoint, dev, data, overrides, data_root)
     else:
         path = find_checkpoint(checkpoint).resolve()
         model, ck = load_model(path, ema=ema, device=dev, **(net or {}))
-        data_cfg = _eval_data_config(ck.config.data, data, overrides, data_root)
+        data_cfg = eval_data_config(ck.config.data, data, overrides, data_root)
         if data_root is not None and data_cfg.name in ("npz", "folder"):
             data_cfg = replace(data_cfg, path=None)  # --data-root FILE.npz|DIR replaces data.path
         ck = replace(ck, config=replace(ck.config, data=data_cfg))
     ds = _dataset(ck, split, data_root, max_examples)
     if "model_folder" in ck.meta:
-        _check_folder_data(ck.meta["model_folder"], ds)
+        check_folder_data(ck.meta["model_folder"], ds)
         ck = replace(ck, data_shape=tuple(ds.shape), num_levels=ds.num_levels)
     if tuple(ds.shape) != tuple(ck.data_shape) or ds.num_levels != ck.num_levels:
         raise ConfigError(
@@ -197,65 +199,18 @@ def _dataset(ck: LoadedCheckpoint, split: str, data_root: str | None, max_exampl
         ) from None
 
 
-# --------------------------------------------------------------------------------------------------
-# models and data from other libraries (idode.adapters) and --data / --set data.*
-# --------------------------------------------------------------------------------------------------
-
-
-def _eval_data_config(base: DataConfig, name: str | None, overrides: list[str] | None, root=None):
-    """The data config of an evaluation: ``base`` with --data NAME and --set data.KEY=VALUE
-    (for npz data, --data-root FILE.npz is its file)."""
-    bad = [o for o in overrides or [] if not o.strip().startswith("data.")]
-    if bad:
-        raise ConfigError(
-            f"idode eval --set takes data.* keys only (e.g. data.root=DIR), got {', '.join(bad)}"
-        )
-    if name is None and not overrides:
-        return base
-    cfg = Config(data=base if name is None else replace(base, name=name))
-    if root is not None and cfg.data.name == "npz":
-        cfg = replace(cfg, data=replace(cfg.data, path=str(root)))
-    return apply_overrides(cfg, overrides).data
-
-
-def _load_model_folder(path, dev, data: str | None, overrides: list[str] | None, root=None):
-    """(model, a stand-in checkpoint record) of a diffusers model folder; data must be named.
-
-    The record carries the default evaluation protocol and the named dataset; its shape and
-    grey levels are those of the dataset once it is loaded.
-    """
-    from idode.adapters import load_model_folder
-
-    if data is None:
-        raise ConfigError(
-            f"{path} is a diffusers model folder, which names no dataset: pass --data NAME "
-            f"({', '.join(DATASETS)}) and --set data.root=DIR (or data.path=FILE.npz)"
-        )
-    data_cfg = _eval_data_config(DataConfig(), data, overrides, root)
-    model, info = load_model_folder(path, device=dev)
-    meta = {"model_folder": info}
-    ck = LoadedCheckpoint(
-        Path(info["path"]), 0, Config(data=data_cfg), {}, meta, num_levels=0,
-        checksum=info["checksum"],
-    )  # fmt: skip
-    return model, ck
-
-
-def _check_folder_data(info: dict[str, Any], ds) -> None:
-    from idode.adapters import check_data_shape
-
-    try:
-        check_data_shape(info, ds.shape, f"{ds.name}/{ds.split}")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-
-
-def _identity(ck, ema: bool, ds, ev: EvalConfig, with_elbo: bool, dev) -> dict[str, Any]:
-    """eval_settings.json (``evalfiles.identity``): no path, so a moved run folder resumes."""
+def _identity(ck, ema: bool, ds, ev: EvalConfig, with_elbo: bool, dev, net) -> dict[str, Any]:
+    """eval_settings.json (``evalfiles.identity``): no path, so a moved run folder resumes; the
+    network's precision only when it is not fp32 (older folders resume)."""
     model = {"checksum": ck.checksum, "step": ck.step, "ema": ema}
     data = {"name": ds.name, "split": ds.split, "shape": list(ds.shape),
             "num_levels": ds.num_levels}  # fmt: skip
-    return identity(ev.protocol, model, data, with_elbo, dev.type)
+    # solver_check changes which jobs are re-solved at the end, never a row: a resume may change it
+    protocol = ev.protocol.replace(solver_check=Protocol.solver_check)
+    ident = identity(protocol, model, data, with_elbo, dev.type)
+    if getattr(net, "precision", "fp32") != "fp32":
+        ident["precision"] = net.precision
+    return ident
 
 
 def evaluate(
@@ -307,11 +262,14 @@ def evaluate(
     )
     ds = select_examples(ds, max_examples, subset)
     ev, source = resolve_settings(ck.config, protocol, **settings)
+    x_all, cal = ds.as_tensor(), None
+    if ev.max_solver_error is not None:  # rank 0 calibrates on a few images, every rank uses it
+        cal = broadcast(_calibrate(model, x_all, ds, ev, dev) if env.is_main else None, env)
+        c = cal["chosen"]
+        ev = replace(ev, rtol=c["rtol"], atol=c["atol"], logp_atol=c["logp_atol"])
+        source.update(dict.fromkeys(("rtol", "atol", "logp_atol"), "calibration"))
     out = Path(out_dir) if out_dir is not None else default_eval_dir(ck, split, ev)
-    ident = _identity(ck, ema, ds, ev, with_elbo, dev)
-    if getattr(model, "precision", "fp32") != "fp32":  # absent for fp32: older folders resume
-        ident["precision"] = model.precision
-    x_all = ds.as_tensor()
+    ident = _identity(ck, ema, ds, ev, with_elbo, dev, model)
     # rank 0 checks (or starts) the output directory; every rank raises its verdict together
     err = None
     if env.is_main:
@@ -320,25 +278,35 @@ def evaluate(
     err = broadcast(err, env)
     if err is not None:
         raise EvalSettingsError(err)
-    n = len(ds)
     _evaluate_examples(model, ds, x_all, out, ev, with_elbo, env, progress)
     env.barrier()
     result = None
     if env.is_main:
-        rows = merge_examples(out, ds.example_ids)
-        exports = export_examples(out, rows, ds.info.get("example_files"))
-        result = summarize(rows, n, ev.num_samples)
         run = {"batch_size": ev.batch_size, "max_examples": max_examples, "subset": subset,
                "data_root": data_root, "device": str(dev),
                "world_size": env.world_size}  # fmt: skip
-        result.update(_record(ck, ema, split, ds, ev, with_elbo, dev, out, rows, run, source))
-        result["files"].update(exports)
+        result = _result(model, ck, ema, split, ds, x_all, ev, with_elbo, dev, out, run, source)
+        result.update(calibration=cal, wall_seconds=time.perf_counter() - t0)
         if "precision" in ident:  # a non-fp32 network: the numbers are not fp32's
             result["settings"]["precision"] = ident["precision"]
-        result["wall_seconds"] = time.perf_counter() - t0
         write_json_atomic(out / RESULT_FILE, result)
     result = broadcast(result, env)
     env.barrier()
+    return result
+
+
+def _result(model, ck, ema, split, ds, x_all, ev, with_elbo, dev, out: Path, run, source):
+    """Rank 0, once every rank is done: the rows merged and exported, eval.json's statistics,
+    description and the measured solver error (``certify.check_rows``)."""
+    rows = merge_examples(out, ds.example_ids)
+    exports = export_examples(out, rows, ds.info.get("example_files"))
+    result = summarize(rows, len(ds), ev.num_samples)
+    result.update(_record(ck, ema, split, ds, ev, with_elbo, dev, out, rows, run, source))
+    result["solver_error"] = check_rows(
+        model, x_all, rows, ds.num_levels, ev.protocol, num_examples=len(ds),
+        ids=ds.example_ids, batch_size=ev.batch_size, device=dev,
+    ).as_dict()  # fmt: skip
+    result["files"].update(exports)
     return result
 
 
@@ -353,7 +321,7 @@ def _record(ck, ema, split, ds, ev: EvalConfig, with_elbo, dev, out: Path, rows,
         "with_elbo": with_elbo, "elbo": protocol.elbo_options(), "device_type": dev.type, **run,
     }  # fmt: skip
     return dict(
-        solver_error=_solver_error(rows),
+        local_error_estimate=_solver_error(rows),
         settings=settings,
         settings_source=source,
         checkpoint={"path": str(ck.path), "step": ck.step, "checksum": ck.checksum},
@@ -374,6 +342,12 @@ def _record(ck, ema, split, ds, ev: EvalConfig, with_elbo, dev, out: Path, rows,
         out_dir=str(out),
         files={"per_example": str(out / EXAMPLES_FILE), "settings": str(out / SETTINGS_FILE)},
     )
+
+
+def _calibrate(model, x_all, ds, ev: EvalConfig, dev) -> dict:
+    """eval.json's "calibration": the tolerances for ``ev.max_solver_error`` (rank 0)."""
+    return calibrate(model, x_all, ds.num_levels, ev.protocol, batch_size=ev.batch_size,
+                     device=dev).as_dict()  # fmt: skip
 
 
 def _evaluate_examples(model, ds, x_all, out: Path, ev: EvalConfig, with_elbo: bool, env, progress):
@@ -496,15 +470,16 @@ def _row(i: int, ex, values: dict[str, float], image: Tensor, group: int, second
 
 
 def _solver_error(rows: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The solver's own per-example error estimate of bits/dim: mean and largest."""
+    """The solver's own per-example *local* error estimate of bits/dim: mean and largest (it
+    underestimates the error 10-40x on trained models; "solver_error" is the measured one)."""
     errs = [r["solver_error_bpd"] for r in rows if "solver_error_bpd" in r]
     if not errs:
         return None
     return {
         "bpd_mean": statistics.fmean(errs),
         "bpd_max": max(errs),
-        "note": "per example: sum over solver steps of |local error estimate of log p|, "
-        "averaged over draws, in bits/dim",
+        "note": "a local estimate, not the error: per example, the sum over solver steps of "
+        "|local error estimate of log p|, averaged over draws, in bits/dim",
     }
 
 

@@ -22,6 +22,7 @@ from idode.augmented import (
     gaussian_log_prob,
     hutchinson_probes,
 )
+from idode.calibration import LibraryCheck
 from idode.continuous import iter_bits_per_dim, stack_examples
 from idode.dequantization import (
     Dequantization,
@@ -152,6 +153,9 @@ class BPDResult:
     num_dims: int
     settings: dict = field(default_factory=dict)  # the protocol's JSON form, logp_atol resolved
     protocol: Protocol = field(default_factory=Protocol)
+    # the measured solver error (idode.certify: checked, mean_abs_bpd, max_abs_bpd,
+    # mean_signed_bpd, reference, per-job rows); None when the check is off
+    solver_error: dict | None = None
 
 
 def bits_per_dim(
@@ -174,6 +178,8 @@ def bits_per_dim(
     batch_size: int | None = None,
     tolerance: Tolerance = Protocol.tolerance,
     logp_atol: float | None = Protocol.logp_atol,
+    max_solver_error: float | None = Protocol.max_solver_error,
+    solver_check: float | None = Protocol.solver_check,
     protocol: Protocol | None = None,
 ) -> BPDResult:
     """ODE bits/dim of integer images x_int [B, ...] in [0, num_levels) (method.md §6-7).
@@ -190,23 +196,34 @@ def bits_per_dim(
     the next (example, draw) at once (continuous batching). None: all B rows at once.
     ``generator``: one per example (``rng.example_generators``) for results independent of
     batching; None with ``protocol=`` given: the protocol's seeded streams of examples 0..B-1,
-    None otherwise: torch's global generator.
+    None otherwise: torch's global generator. ``max_solver_error`` (bits/dim per image)
+    calibrates the tolerances for it first (``settings["calibration"]``); ``solver_check`` jobs
+    are solved again 100x tighter for ``res.solver_error`` (``idode.certify``; None: only with
+    ``max_solver_error``, then max(8, 2 %) of the jobs).
     """
     given = {k: v for k, v in locals().items() if k in Protocol.field_names()}
     protocol, generator = _resolve(protocol, given, generator, x_int)
-    check_integer_data(x_int, num_levels)
-    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    b = x_int.shape[0]
-    stats, examples = SolverStats(), {}
+    _check_call(x_int, num_levels, batch_size)
+    b, stats, examples = x_int.shape[0], SolverStats(), {}
+    cert = LibraryCheck(protocol, x_int.shape)
+    protocol = cert.calibrate(
+        model, x_int, num_levels, batch_size=batch_size, net_kwargs=net_kwargs
+    )
     stream = iter_bits_per_dim(
         model, x_int, num_levels, protocol, batch_size=batch_size, generator=generator,
-        net_kwargs=net_kwargs, stats=stats,
+        net_kwargs=net_kwargs, stats=stats, record=cert.record,
     )  # fmt: skip
     for group in stream:
         examples.update((e.index, e) for e in group)
     ex = [examples[i] for i in range(b)]
-    return _bpd_result(model, protocol, ex, stats, x_int, num_levels, batch_size)
+    res = _bpd_result(model, protocol, ex, stats, x_int, num_levels, batch_size)
+    return cert.finish(model, res, batch_size, net_kwargs)
+
+
+def _check_call(x_int: Tensor, num_levels: int, batch_size: int | None) -> None:
+    check_integer_data(x_int, num_levels)
+    if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size must be a positive integer or None, got {batch_size!r}")
 
 
 def _bpd_result(model, protocol: Protocol, ex, stats, x_int, num_levels, batch_size) -> BPDResult:

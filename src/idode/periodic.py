@@ -11,6 +11,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor
 
+from idode.certify import check_rows
 from idode.config import Config
 from idode.distributed import DistEnv, all_gather
 from idode.evaluate import evaluate_stream
@@ -51,8 +52,9 @@ def periodic_eval(
         j = mine[s : s + ev.batch_size]
         gens = example_generators(ev.seed, j, dev, purpose=f"periodic_elbo/{step}")
         sde.append(elbo(model, x[j], num_levels, **ev.elbo_options(), generator=gens).bpd.cpu())
-    ode_bpd, ode_nfe = torch.zeros(0), torch.zeros(0)
-    j = mine[mine < min(cfg.data.ode_eval_examples, len(x))] if ode else mine[:0]
+    ode_bpd, ode_nfe, ode_err = torch.zeros(0), torch.zeros(0), torch.zeros(0)
+    n_ode = min(cfg.data.ode_eval_examples, len(x))
+    j = mine[mine < n_ode] if ode else mine[:0]
     if len(j):  # the batch function of ``idode eval``: same protocol, same streams
         stream = evaluate_stream(
             model, x, j.tolist(), dev, num_levels, ev.protocol, False, batch_size=ev.batch_size
@@ -60,10 +62,18 @@ def periodic_eval(
         rows = [row for group in stream for row in group]
         ode_bpd = torch.tensor([r["bpd"] for r in rows], dtype=torch.float64)
         ode_nfe = torch.tensor([float(r["nfe"]) for r in rows], dtype=torch.float64)
-    parts = all_gather((torch.cat(sde) if sde else torch.zeros(0), ode_bpd, ode_nfe), env)
+        # measured (idode.certify): this rank's share of the jobs `idode eval` would check
+        rep = check_rows(model, x, rows, num_levels, ev.protocol, num_examples=n_ode,
+                         batch_size=ev.batch_size, device=dev)  # fmt: skip
+        ode_err = torch.tensor([r["diff_bpd"] for r in rep.jobs], dtype=torch.float64)
+    parts = all_gather((torch.cat(sde) if sde else torch.zeros(0), ode_bpd, ode_nfe, ode_err), env)
     out = {"eval/sde_bpd": float(torch.cat([p[0] for p in parts]).double().mean())}
     if ode:
         name = {"truncated_normal": "tn"}.get(ev.dequantization, ev.dequantization)
         out[f"eval/ode_bpd_{name}"] = float(torch.cat([p[1] for p in parts]).mean())
         out["eval/ode_nfe"] = float(torch.cat([p[2] for p in parts]).mean())
+        err = torch.cat([p[3] for p in parts]).abs()
+        if len(err):  # jobs solved again 100x tighter; not calibrated here (max_solver_error)
+            out["eval/ode_solver_error_max"] = float(err.max())
+            out["eval/ode_solver_error_mean"] = float(err.mean())
     return out

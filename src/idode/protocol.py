@@ -19,7 +19,10 @@ JSON and fingerprint contract:
   before compares ``from_json(saved)`` with the protocol (``differences``), not fingerprints.
 
 Execution settings that do not change the numbers (rows per network call, device, the number of
-examples, progress bars) are not part of a protocol.
+examples, progress bars) are not part of a protocol. ``solver_check`` is: it sets the measured
+solver error that is reported with the bits/dim, though not the bits/dim itself, so an
+evaluation folder's resume guard ignores it (``evaluate``) while the fingerprint includes it.
+``max_solver_error`` sets the tolerances (by calibration) and so is guarded like them.
 """
 
 from __future__ import annotations
@@ -71,6 +74,8 @@ __all__ = [
 LOGP_ATOL_BPD = 1e-4
 
 _POSITIVE, _NON_NEGATIVE = "positive", "non_negative"
+# a count (an integral value >= 1) or a fraction in (0, 1); 0: none
+_COUNT_OR_FRACTION = "count_or_fraction"
 
 
 def _knob(default: Any, help: str, bound: str | None = None) -> Any:
@@ -119,6 +124,21 @@ class Protocol:
     elbo_prior: ElboPrior = _knob("sigma_max", "the SDE bound's prior: sigma_max or unit")
     seed: int = _knob(
         0, "seed of the per-example noise: dequantization, probes, SDE bound", _NON_NEGATIVE
+    )
+    # the measured solver error (idode.certify, idode.calibration); None: off / automatic
+    max_solver_error: float | None = _knob(
+        None,
+        "target solver error per image, bits/dim (e.g. 0.002): rtol, atol and logp_atol are "
+        "calibrated for it on a few images first, replacing the given ones (None: off)",
+        _POSITIVE,
+    )
+    solver_check: float | None = _knob(
+        None,
+        "jobs solved again 100x tighter (network in float64) to measure the solver error: a "
+        "count N (an integer >= 1) or a fraction in (0, 1); 0: off; None: max(8, 2 percent) of "
+        "the jobs (bits_per_dim: only with max_solver_error). It changes the check, not the "
+        "bits/dim, so a resumed evaluation may change it",
+        _COUNT_OR_FRACTION,
     )
 
     # ------------------------------------------------------------------------------------------
@@ -264,7 +284,7 @@ class Setting:
     name: str
     kind: Literal["bool", "choice", "int", "float"]
     choices: tuple[str, ...]  # for kind "choice"
-    range: str | None  # "positive" | "non_negative" | None
+    range: str | None  # "positive" | "non_negative" | "count_or_fraction" | None
     optional: bool  # None is a valid value
     default: Any
     help: str
@@ -320,3 +340,8 @@ def _check_value(key: str, value: Any, hint: Any, f: Any, error: type[Exception]
         )
     if bound == _NON_NEGATIVE and not value >= 0:
         raise error(f"{key} must be >= 0, got {value!r}")
+    if bound == _COUNT_OR_FRACTION and not (0 <= value < 1 or value == int(value) >= 1):
+        raise error(
+            f"{key}={value!r} is neither a count nor a fraction; give an integer number of jobs "
+            f"(e.g. 8), a fraction in (0, 1) (e.g. 0.02) or 0 (off)"
+        )

@@ -35,6 +35,10 @@ def test_demo_quick_writes_a_readable_report(tmp_path, capsys):
     assert set(res) == {"truncated_normal", "variational", "uniform"}
     assert all(r["bpd"]["n"] == 24 for r in res.values())
     assert res["truncated_normal"]["elbo"]["n"] == 24
+    # the measured solver error beside the interval: 3 of the 24 images in a quick run
+    assert all(r["solver_error"]["checked"] == 3 for r in res.values())
+    se = res["truncated_normal"]["solver_error"]
+    assert f"{se['max_abs_bpd']:.4f} (3)" in report
 
 
 def test_demo_reuses_its_own_finished_run_and_says_so(tmp_path, capsys):

@@ -183,7 +183,7 @@ def _eval_summary(result: dict) -> list[str]:
             f"NFE per image: mean {nfe['per_example_mean']:.0f} (min {nfe['per_example_min']}, "
             f"max {nfe['per_example_max']}); wall time {result.get('wall_seconds', 0.0):.1f} s"
         )
-    err = result.get("solver_error")
+    err = result.get("local_error_estimate")
     if err:
         lines.append(
             f"solver error estimate: mean {err['bpd_mean']:.2g}, max {err['bpd_max']:.2g} "
@@ -194,6 +194,13 @@ def _eval_summary(result: dict) -> list[str]:
 
 
 def _bpd_line(result: dict) -> str:
+    """'truncated_normal (K=5) bits/dim: mean +- SE (95% CI ..); solver error max .., mean ..'."""
+    from idode.certify import summary_line
+
+    return f"{_interval_line(result)}; {summary_line(result.get('solver_error'))}"
+
+
+def _interval_line(result: dict) -> str:
     """'truncated_normal (K=5) bits/dim: mean +- SE (95% CI ..)', or the value alone for n = 1."""
     st, bpd = result["settings"], result["bpd"]
     what = st["dequantization"] + (f", K={st['num_samples']}" if st["num_samples"] > 1 else "")

@@ -117,6 +117,18 @@ def _out_path(text: str, folder: bool) -> str:
     return text
 
 
+def _check_size(text: str) -> int | float:
+    """A count (an integer, e.g. 8; 0: none) or a fraction in (0, 1) (e.g. 0.02)."""
+    from idode.certify import num_check_jobs
+
+    try:
+        value: int | float = int(text)
+    except ValueError:
+        value = _arg_float(text)
+    num_check_jobs(1, value)  # InputError naming both spellings
+    return value
+
+
 def _device(text: str) -> str:
     from idode.validation import check_device
 
@@ -138,6 +150,7 @@ POSITIVE_FLOAT = _arg_type("positive_float", lambda t: _positive(t, False))
 NON_NEGATIVE_FLOAT = _arg_type("non_negative_float", _non_negative)
 NON_NEGATIVE_INT = _arg_type("non_negative_int", lambda t: _non_negative_int(t))
 FLOAT = _arg_type("float", lambda t: _finite(t))
+COUNT_OR_FRACTION = _arg_type("count_or_fraction", _check_size)
 INT = _arg_type("int", lambda t: _integer(t))
 OUT_DIR = _arg_type("out_dir", lambda t: _out_path(t, True))
 OUT_PREFIX = _arg_type("out_prefix", lambda t: _out_path(t, False))
@@ -300,6 +313,7 @@ def _add_protocol_flags(e: argparse.ArgumentParser) -> None:
     number = {("int", "positive"): POSITIVE_INT, ("float", "positive"): POSITIVE_FLOAT,
               ("int", "non_negative"): NON_NEGATIVE_INT,
               ("float", "non_negative"): NON_NEGATIVE_FLOAT,
+              ("float", "count_or_fraction"): COUNT_OR_FRACTION,
               ("int", None): INT, ("float", None): FLOAT}  # fmt: skip
     for s in settings_schema():
         flag, help_ = "--" + s.name.replace("_", "-"), f"{s.help} (default: checkpoint)"
