@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import typing
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
@@ -26,7 +25,13 @@ from idode.choices import (
     Split,
 )
 from idode.protocol import Protocol
-from idode.validation import InputError, check_choice, check_device, check_rtol
+from idode.validation import (
+    InputError,
+    check_choice,
+    check_device,
+    check_rtol,
+    check_setting_type,
+)
 
 __all__ = [
     "Config",
@@ -201,17 +206,7 @@ def _check_section(section: str, obj: Any) -> None:
                 )
             check_choice(key, value, args, error=ConfigError)
             continue
-        allowed = args or (hint,)
-        if value is None and type(None) in allowed:
-            continue
-        base = next(a for a in allowed if a is not type(None))
-        is_bool = isinstance(value, bool)
-        ok = isinstance(value, base) and (base is bool or not is_bool)
-        ok = ok or (base is float and isinstance(value, int) and not is_bool)
-        if not ok:
-            raise ConfigError(f"{key}={value!r} must be of type {base.__name__}")
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{key}={value!r} must be a finite number")
+        check_setting_type(key, value, hint, ConfigError)
 
 
 def _check_ranges(cfg: Config) -> None:

@@ -49,7 +49,7 @@ from idode.choices import (
 )
 from idode.dequantization import UNIFORM_GAMMA_START, dequantization_bounds
 from idode.rng import example_generators
-from idode.validation import InputError, check_choice, check_rtol
+from idode.validation import InputError, check_choice, check_rtol, check_setting_type
 
 __all__ = [
     "ELBO_PRIORS",
@@ -322,16 +322,9 @@ def _check_value(key: str, value: Any, hint: Any, f: Any, error: type[Exception]
         check_choice(key, value, args, error=error)
         return
     allowed = args or (hint,)
-    if value is None and type(None) in allowed:
+    base = check_setting_type(key, value, hint, error)
+    if value is None:
         return
-    base = next(a for a in allowed if a is not type(None))
-    is_bool = isinstance(value, bool)
-    ok = isinstance(value, base) and (base is bool or not is_bool)
-    ok = ok or (base is float and isinstance(value, int) and not is_bool)
-    if not ok:
-        raise error(f"{key}={value!r} must be of type {base.__name__}")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise error(f"{key}={value!r} must be a finite number")
     bound = f.metadata.get("range")
     if bound == _POSITIVE and not value > 0:
         need = ">= 1" if base is int else "> 0"

@@ -7,7 +7,9 @@ the wrong thing. Library checks of tensors keep the conventional ``TypeError`` /
 
 from __future__ import annotations
 
+import math
 import re
+import typing
 import warnings
 from collections.abc import Sequence
 from typing import Any, TypeVar
@@ -28,6 +30,7 @@ __all__ = [
     "check_num_levels",
     "check_positive",
     "check_rtol",
+    "check_setting_type",
     "is_integer_dtype",
 ]
 
@@ -179,3 +182,22 @@ def check_model_input(x: Tensor, name: str = "x", *, unit_range: bool = True) ->
             f"{name} must lie in [-1, 1], got max |x| = {float(x.abs().max()):.4g}; scale the data "
             f"with idode.bin_centers"
         )
+
+
+def check_setting_type(
+    key: str, value: Any, hint: Any, error: type[Exception] = InputError
+) -> type:
+    """A setting typed ``hint`` (a plain type, or one with ``| None``): the right type (a bool is
+    no int; an int passes for a float) and finite; returns the type without None."""
+    allowed = typing.get_args(hint) or (hint,)
+    base = next(a for a in allowed if a is not type(None))
+    if value is None and type(None) in allowed:
+        return base
+    is_bool = isinstance(value, bool)
+    ok = isinstance(value, base) and (base is bool or not is_bool)
+    ok = ok or (base is float and isinstance(value, int) and not is_bool)
+    if not ok:
+        raise error(f"{key}={value!r} must be of type {base.__name__}")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise error(f"{key}={value!r} must be a finite number")
+    return base
