@@ -154,7 +154,7 @@ def _plan(steps: int, quick: bool) -> str:
     )
 
 
-DEMO_MINUTES = "4"  # the whole demo on 2 idle cores (README; much longer on shared cores)
+DEMO_MINUTES = "11"  # the whole demo on 2 idle cores, with the solver check (README, 2026-12-03)
 _ELBO_SHARE = 0.05  # the SDE bound's share of the first evaluation (one network call per image)
 
 
