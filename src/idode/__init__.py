@@ -15,7 +15,10 @@ The public API::
     model = idode.adapters.from_diffusers(unet, scheduler)       # models from other libraries
 """
 
-from idode import adapters  # light: diffusers is imported only when a model folder is read
+from idode import (
+    adapters,  # light: diffusers is imported only when a model folder is read
+    nets,  # idode.nets.ScoreUNet / MLP, as the README uses them
+)
 from idode.checkpoint import load_model
 from idode.dequantization import (
     DEQUANTIZATIONS,
@@ -41,6 +44,7 @@ from idode.schedules import Schedule, SPSchedule, VPSchedule, make_schedule
 __version__ = "0.1.0"
 
 __all__ = [
+    "nets",
     "BPDResult",
     "DEQUANTIZATIONS",
     "DiffusionODE",
