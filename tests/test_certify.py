@@ -75,6 +75,7 @@ def test_reported_error_is_the_difference_of_two_solves():
         f64, z, "rademacher", ref["rtol"], ref["atol"], gamma_start=g0, probes=probes,
         logp_atol=ref["logp_atol"],
     )  # fmt: skip
+    assert (ref["method"], ref["controller"]) == ("dopri5", "i")
     want = _bpd(ll.logp - res.log_p_model[:, 0])  # eval minus reference, bits/dim
     got = torch.tensor([j["diff_bpd"] for j in se["jobs"]], dtype=torch.float64)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-9)
@@ -85,8 +86,10 @@ def test_reported_error_is_the_difference_of_two_solves():
     assert se["max_abs_bpd"] == pytest.approx(got.abs().max().item(), rel=1e-12)
     assert se["mean_abs_bpd"] == pytest.approx(got.abs().mean().item(), rel=1e-12)
     assert se["mean_signed_bpd"] == pytest.approx(got.mean().item(), rel=1e-12)
-    assert se["reference"]["convergence"]["max_abs_diff_bpd"] < 1e-4
     conv = se["reference"]["convergence"]
+    assert conv["method"] == "vern6" and conv["rtol"] == ref["rtol"] and conv["jobs"] == 2
+    # the second method agrees with the reference on the closed form's scale
+    assert 0 < conv["max_abs_diff_bpd"] < 1e-4
     assert se["check_nfe"] == sum(j["reference_nfe"] for j in se["jobs"]) + conv["nfe"]
     assert se["nfe_overhead"] == se["check_nfe"] / int(res.nfe_per_example.sum())
     json.dumps(se)  # eval.json material
@@ -212,7 +215,9 @@ def test_idode_eval_reports_the_measured_error(run, tmp_path, capsys):
     assert se["reference"]["rtol"] == pytest.approx(1e-5)  # 100x tighter than the run
     assert se["max_abs_bpd"] == max(abs(j["diff_bpd"]) for j in se["jobs"])
     # the evaluated log p of each checked job is the one in per_example.jsonl
-    rows = {r["index"]: r for r in map(json.loads, (out / "per_example.jsonl").open())}
+    rows = {
+        r["index"]: r for r in map(json.loads, (out / "per_example.jsonl").read_text().splitlines())
+    }
     for j in se["jobs"]:
         assert j["log_p_nats"] == rows[j["index"]]["log_p_model_nats"][j["draw"]]
     assert res["local_error_estimate"]["bpd_max"] > 0 and res["calibration"] is None
@@ -231,7 +236,7 @@ def test_idode_eval_reports_the_measured_error(run, tmp_path, capsys):
     assert again["settings"]["solver_check"] == 2.0
 
 
-def test_idode_eval_calibrates_for_a_target(run, tmp_path, capsys):
+def test_idode_eval_calibrates_for_a_target(run, tmp_path, capsys, monkeypatch):
     from idode.cli import main
 
     out = tmp_path / "cal"
@@ -245,7 +250,28 @@ def test_idode_eval_calibrates_for_a_target(run, tmp_path, capsys):
     se = res["solver_error"]
     assert se["checked"] == 3 and se["max_solver_error"] == 0.05
     assert se["within_target"] == (se["max_abs_bpd"] <= 0.05)
+    # a resume, here extended to 8 images, reuses the folder's calibration (calibrating again
+    # could pick other images, hence other tolerances, and be refused); other given tolerances
+    # or another target calibrate anew
+    import idode.evaluate as evaluate_module
+
+    calls = []
+    real = evaluate_module.calibrate
+    monkeypatch.setattr(
+        evaluate_module, "calibrate", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    more = [a if a != "6" else "8" for a in EVAL]
+    assert main(["eval", "--checkpoint", str(run), "--out", str(out), *more,
+                 "--max-solver-error", "0.05", "--solver-check", "0.5"]) == 0  # fmt: skip
+    again = json.loads((out / "eval.json").read_text())
+    assert calls == [] and again["calibration"]["reused_from"] == str(out / "eval_settings.json")
+    assert again["calibration"]["chosen"] == cal["chosen"]
+    assert again["dataset"]["num_examples"] == 8 and again["settings"]["rtol"] == st["rtol"]
     capsys.readouterr()
+    # atol twice rtol: calibrated anew, then refused (the tolerances differ)
+    code = main(["eval", "--checkpoint", str(run), "--out", str(out), *more, "--atol", "2e-3",
+                 "--max-solver-error", "0.05"])  # fmt: skip
+    assert code == 2 and calls == [1] and "atol" in capsys.readouterr().err
     for bad in (["--solver-check", "1.5"], ["--solver-check", "-2"], ["--max-solver-error", "0"]):
         with pytest.raises(SystemExit) as e:
             main(["eval", "--checkpoint", str(run), *EVAL, *bad])

@@ -110,13 +110,12 @@ def calibrate(
     for r in sorted(ladder, reverse=True):
         tols = base.scaled(base.rtol / r, d)
         lp, steps = solve_jobs(model, jobs, divergence, shape, tols, **kw)
-        ref_lp, ref_steps = solve_jobs(
-            ref_model, jobs, divergence, shape, tols.scaled(REFERENCE_FACTOR, d), **kw
-        )
+        ref_lp, ref_steps = solve_jobs(ref_model, jobs, divergence, shape, tols.reference(d), **kw)
         err = nats_to_bits_per_dim((ref_lp - lp).abs(), d)
-        nfe += int(nfe_of_steps(steps).sum() + nfe_of_steps(ref_steps).sum())
+        own, ref = nfe_of_steps(steps, tols.method), nfe_of_steps(ref_steps, tols.method)
+        nfe += int(own.sum() + ref.sum())
         ok = bool(err.max() <= max_solver_error / margin)
-        table.append({**asdict(tols), "nfe_mean": float(nfe_of_steps(steps).double().mean()),
+        table.append({**asdict(tols), "nfe_mean": float(own.double().mean()),
                       "max_abs_bpd": float(err.max()), "mean_abs_bpd": float(err.mean()),
                       "passed": ok})  # fmt: skip
         chosen = tols

@@ -20,13 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from torch import Tensor
 
+from idode.checkpoint import LoadedCheckpoint, run_folder
 from idode.protocol import Protocol
 from idode.rundir import jsonable, read_jsonl, write_json_atomic, write_jsonl_atomic
 
@@ -35,16 +36,30 @@ __all__ = [
     "RESULT_FILE",
     "SETTINGS_FILE",
     "identity",
+    "default_eval_dir",
     "image_hash",
     "merge_examples",
     "prepare_out_dir",
     "read_per_example",
+    "saved_calibration",
 ]
 
 SETTINGS_FILE, RESULT_FILE, EXAMPLES_FILE = "eval_settings.json", "eval.json", "per_example.jsonl"
 _ROW_KEYS = ("index", "bpd", "bpd_mean_of_bounds", "bpd_importance_weighted", "steps", "nfe")
 IDENTITY_FORMAT = 2  # 2: protocol + weights checksum + data; 1 (unversioned): paths, no data
 _FIX = "pick another output directory (--out), or pass --overwrite to discard them"
+
+
+def default_eval_dir(ck: LoadedCheckpoint, split: str, ev: Protocol) -> Path:
+    """RUN/evals/step_N_SPLIT_DEQ[_kK][_iw]: in the run folder, never inside a checkpoint folder
+    (old-checkpoint cleanup deletes those); for a diffusers model folder, which idode did not
+    write, ./evals/FOLDER_DATA_SPLIT_DEQ... in the working directory."""
+    name = f"step_{ck.step:08d}_{split}_{ev.dequantization}"
+    name += f"_k{ev.num_samples}" if ev.num_samples > 1 else ""
+    name += "_iw" if ev.importance_weighted else ""
+    if "model_folder" in ck.meta:  # another library's model (maybe a read-only hub cache): ./evals
+        return Path("evals") / (f"{Path(ck.path).name}_{ck.config.data.name}_" + name[14:])
+    return run_folder(ck.path) / "evals" / name
 
 
 def image_hash(image: Tensor | np.ndarray) -> str:
@@ -100,6 +115,24 @@ def prepare_out_dir(
         p.unlink(missing_ok=True)
     write_json_atomic(path, ident)
     return None
+
+
+def saved_calibration(
+    out: Path, base: dict[str, Any], identity_with: Callable[[dict], dict[str, Any]]
+) -> dict[str, Any] | None:
+    """The calibration ``out`` was evaluated with (its identity's "calibration"), when it was
+    calibrated from the same ``base`` (tolerances given, ladder) and ``identity_with(its chosen
+    tolerances)`` is the saved identity: a resume reuses it instead of calibrating again (which
+    on a split extended since could choose other images and so other tolerances)."""
+    try:
+        saved = json.loads((out / SETTINGS_FILE).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    cal = saved.get("calibration") if isinstance(saved, dict) else None
+    if not isinstance(cal, dict) or cal.get("base") != jsonable(base):
+        return None
+    now = jsonable(identity_with(cal["chosen"]))
+    return cal if _differences(saved, now) is None else None
 
 
 def _differences(saved: Any, now: dict[str, Any]) -> str | None:

@@ -39,9 +39,9 @@ from typing import Any, get_args
 import torch
 from torch import Tensor
 
-from idode.calibration import calibrate
+from idode.calibration import CALIBRATION_EXAMPLES, LADDER, calibrate
 from idode.certify import check_rows
-from idode.checkpoint import LoadedCheckpoint, find_checkpoint, load_model, run_folder
+from idode.checkpoint import LoadedCheckpoint, find_checkpoint, load_model
 from idode.config import Config, ConfigError, EvalConfig
 from idode.continuous import iter_bits_per_dim, stack_examples
 from idode.data import (
@@ -58,11 +58,13 @@ from idode.evalfiles import (
     EXAMPLES_FILE,
     RESULT_FILE,
     SETTINGS_FILE,
+    default_eval_dir,
     identity,
     image_hash,
     merge_examples,
     prepare_out_dir,
     read_per_example,
+    saved_calibration,
 )
 from idode.evalinputs import check_folder_data, eval_data_config, load_model_folder
 from idode.likelihood import elbo
@@ -105,18 +107,6 @@ def resolve_settings(
     ev = replace(cfg.eval, **given)
     replace(Config(), eval=ev).validate()  # one ConfigError naming eval.<knob>
     return ev, {k: "argument" if k in given else "checkpoint" for k in EVAL_FLAGS}
-
-
-def default_eval_dir(ck: LoadedCheckpoint, split: str, ev: EvalConfig) -> Path:
-    """RUN/evals/step_N_SPLIT_DEQ[_kK][_iw]: in the run folder, never inside a checkpoint folder
-    (old-checkpoint cleanup deletes those); for a diffusers model folder, which idode did not
-    write, ./evals/FOLDER_DATA_SPLIT_DEQ... in the working directory."""
-    name = f"step_{ck.step:08d}_{split}_{ev.dequantization}"
-    name += f"_k{ev.num_samples}" if ev.num_samples > 1 else ""
-    name += "_iw" if ev.importance_weighted else ""
-    if "model_folder" in ck.meta:  # another library's model (maybe a read-only hub cache): ./evals
-        return Path("evals") / (f"{Path(ck.path).name}_{ck.config.data.name}_" + name[14:])
-    return run_folder(ck.path) / "evals" / name
 
 
 def _given(protocol: Protocol | None, flags: dict[str, Any]) -> dict[str, Any]:
@@ -263,20 +253,20 @@ def evaluate(
     ds = select_examples(ds, max_examples, subset)
     ev, source = resolve_settings(ck.config, protocol, **settings)
     x_all, cal = ds.as_tensor(), None
-    if ev.max_solver_error is not None:  # rank 0 calibrates on a few images, every rank uses it
-        cal = broadcast(_calibrate(model, x_all, ds, ev, dev) if env.is_main else None, env)
-        c = cal["chosen"]
-        ev = replace(ev, rtol=c["rtol"], atol=c["atol"], logp_atol=c["logp_atol"])
-        source.update(dict.fromkeys(("rtol", "atol", "logp_atol"), "calibration"))
     out = Path(out_dir) if out_dir is not None else default_eval_dir(ck, split, ev)
-    ident = _identity(ck, ema, ds, ev, with_elbo, dev, model)
+    ident_of = lambda e: _identity(ck, ema, ds, e, with_elbo, dev, model)  # noqa: E731
+    if ev.max_solver_error is not None:  # rank 0 calibrates (or reuses out's), every rank uses it
+        ev, cal = _calibrate(model, x_all, ds, ev, dev, out, overwrite, ident_of, env)
+        source.update(dict.fromkeys(("rtol", "atol", "logp_atol"), "calibration"))
+    ident = ident_of(ev)
+    if cal is not None:  # what a resume needs to reuse it (not compared: the tolerances are)
+        ident["calibration"] = {k: v for k, v in cal.items() if k != "reused_from"}
     # rank 0 checks (or starts) the output directory; every rank raises its verdict together
     err = None
     if env.is_main:
         hashes = {i: image_hash(x) for i, x in zip(ds.example_ids, x_all, strict=True)}
         err = prepare_out_dir(out, ident, overwrite, hashes)
-    err = broadcast(err, env)
-    if err is not None:
+    if (err := broadcast(err, env)) is not None:
         raise EvalSettingsError(err)
     _evaluate_examples(model, ds, x_all, out, ev, with_elbo, env, progress)
     env.barrier()
@@ -344,10 +334,26 @@ def _record(ck, ema, split, ds, ev: EvalConfig, with_elbo, dev, out: Path, rows,
     )
 
 
-def _calibrate(model, x_all, ds, ev: EvalConfig, dev) -> dict:
-    """eval.json's "calibration": the tolerances for ``ev.max_solver_error`` (rank 0)."""
-    return calibrate(model, x_all, ds.num_levels, ev.protocol, batch_size=ev.batch_size,
-                     device=dev).as_dict()  # fmt: skip
+def _calibrate(model, x_all, ds, ev: EvalConfig, dev, out: Path, overwrite, ident_of, env):
+    """``ev`` with the tolerances for its ``max_solver_error``, and eval.json's "calibration":
+    ``out``'s when it was calibrated from the same tolerances and all else is the same (a
+    resume), else a new one by rank 0."""
+
+    def with_tols(t: dict) -> EvalConfig:
+        return replace(ev, rtol=t["rtol"], atol=t["atol"], logp_atol=t["logp_atol"])
+
+    base = dict(rtol=ev.rtol, atol=ev.atol, logp_atol=ev.logp_atol, ladder=list(LADDER),
+                examples=CALIBRATION_EXAMPLES)  # fmt: skip
+    cal, kw = None, dict(batch_size=ev.batch_size, device=dev)
+    if env.is_main:
+        same = lambda t: ident_of(with_tols(t))  # noqa: E731
+        saved = None if overwrite else saved_calibration(out, base, same)
+        cal = {**saved, "reused_from": str(out / SETTINGS_FILE)} if saved else None
+        if cal is None:
+            c = calibrate(model, x_all, ds.num_levels, ev.protocol, **kw)
+            cal = {**c.as_dict(), "base": base}
+    cal = broadcast(cal, env)
+    return with_tols(cal["chosen"]), cal
 
 
 def _evaluate_examples(model, ds, x_all, out: Path, ev: EvalConfig, with_elbo: bool, env, progress):
