@@ -8,7 +8,8 @@ method. Prints where the check's NFE go and its overhead, for the default check 
 larger splits (the default is max(8, 2 %) of the jobs: the minimum of 8 jobs dominates small
 splits).
 
-    python benchmarks/solver_check.py --eval-dir /tmp/certify/ev_1e5 --checkpoint /tmp/certify/digits
+    python benchmarks/solver_check.py --eval-dir /tmp/certify/ev_1e5 \\
+        --checkpoint /tmp/certify/digits
 """
 
 from __future__ import annotations

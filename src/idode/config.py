@@ -90,6 +90,8 @@ class ModelConfig:
     #                          at every width, set by `idode convert` for official checkpoints)
     net_gamma_min: float | None = None  # UNet's gamma input range when it differs from the
     net_gamma_max: float | None = None  # schedule's (VDM: learned ends); None: gamma_min/max
+    time_embedding_scale: float = 1000.0  # the networks' gamma embedding sin/cos(scale t_in f_j)
+    #                                       (§8.1.1: 1000); lower: a drift smoother in gamma
     precision: Precision = "fp32"  # the network's arithmetic in the training step: fp32 | tf32
     #                                (CUDA tensor cores) | bf16 (autocast); reported bits/dim
     #                                use fp32 (idode eval --precision); state stays float64
@@ -171,6 +173,7 @@ _RANGES: dict[str, tuple[Any, str]] = {
     "model.mlp_hidden": (_POSITIVE, ">= 1"),
     "model.mlp_depth": (_POSITIVE, ">= 1"),
     "model.min_group_size": (_POSITIVE, ">= 1"),
+    "model.time_embedding_scale": (_POSITIVE, "> 0 (the paper's: 1000)"),
     "train.steps": (_POSITIVE, ">= 1"),
     "train.batch_size": (_POSITIVE, ">= 1"),
     "train.grad_accum": (_POSITIVE, ">= 1"),

@@ -40,7 +40,8 @@ def build_model(
     # the network's gamma input range: the schedule's unless set apart (VDM's learned ends)
     net_lo = m.gamma_min if m.net_gamma_min is None else m.net_gamma_min
     net_hi = m.gamma_max if m.net_gamma_max is None else m.net_gamma_max
-    common = dict(dropout=m.dropout, gamma_min=net_lo, gamma_max=net_hi)
+    common = dict(dropout=m.dropout, gamma_min=net_lo, gamma_max=net_hi,
+                  time_scale=m.time_embedding_scale)  # fmt: skip
     if m.net == "unet":
         # Fourier periods of 2 bins and 1 bin of the data's grey levels (VDM: 2^6, 2^7 for 256)
         net = make_net(

@@ -137,6 +137,28 @@ def test_timestep_embedding_by_hand():
     torch.testing.assert_close(odd[:, :8], timestep_embedding(torch.tensor([0.3]), 8))
 
 
+def test_time_embedding_scale_reaches_the_network():
+    """model.time_embedding_scale sets sin/cos(scale t_in f_j) in the network's conditioning."""
+    from idode.config import apply_overrides
+    from idode.model import build_model
+    from idode.presets import get_preset
+
+    cfg = apply_overrides(get_preset("digits_cpu"), ["model.time_embedding_scale=100"])
+    net = build_model(cfg, (1, 8, 8), 17).net
+    seen = {}
+    net.dense0.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
+    g = torch.tensor([-13.3, -4.0, 5.0])
+    net(torch.zeros(3, 1, 8, 8), g)
+    half = net.n_embd // 2
+    freqs = [math.exp(-j * math.log(10000.0) / (half - 1)) for j in range(half)]
+    t_in = (g.double() + 13.3) / 18.3
+    hand = torch.stack([torch.sin(100.0 * t_in * f) for f in freqs]
+                       + [torch.cos(100.0 * t_in * f) for f in freqs], 1)  # fmt: skip
+    torch.testing.assert_close(seen["x"][:, :-1], hand.float(), atol=1e-5, rtol=0)
+    # the default is the paper's 1000
+    assert build_model(get_preset("digits_cpu"), (1, 8, 8), 17).net.time_scale == 1000.0
+
+
 def test_unet_conditioning_vector_is_embedding_then_conditioning_scalar():
     net = tiny_unet(n_embd=16)
     seen = {}

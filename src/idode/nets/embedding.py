@@ -53,12 +53,16 @@ def timestep_embedding(
     return emb
 
 
-def gamma_embedding(gamma: Tensor, dim: int, gamma_min: float, gamma_max: float) -> Tensor:
-    """The networks' gamma embedding: ``timestep_embedding(1000 * t_in)``, t_in as in §2.5.
+def gamma_embedding(
+    gamma: Tensor, dim: int, gamma_min: float, gamma_max: float, scale: float = 1000.0
+) -> Tensor:
+    """The networks' gamma embedding: ``timestep_embedding(scale * t_in)``, t_in as in §2.5.
 
-    Shapes: gamma [B] -> [B, dim].
+    ``scale``: 1000 in the paper (§8.1.1). Its fastest sinusoid turns scale / (gamma_max -
+    gamma_min) radians per unit gamma (55 for VP), and those wiggles of the drift set the ODE
+    solver's step (benchmarks/results/field_spectrum_digits_cpu.md). Shapes: gamma [B] -> [B, dim].
     """
-    return timestep_embedding(normalized_gamma(gamma, gamma_min, gamma_max), dim)
+    return timestep_embedding(normalized_gamma(gamma, gamma_min, gamma_max), dim, scale=scale)
 
 
 def check_gamma_and_conditioning(z: Tensor, gamma: Tensor, conditioning: Tensor | None) -> None:

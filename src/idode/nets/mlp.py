@@ -26,9 +26,10 @@ class MLP(nn.Module):
         shape: per-example data shape, e.g. (2,) or (1, 8, 8); z is [B, *shape].
         hidden: width of the hidden layers.
         depth: number of residual hidden layers.
-        time_embed_dim: size of the sinusoidal embedding of 1000 * t_in (>= 4).
+        time_embed_dim: size of the sinusoidal embedding of time_scale * t_in (>= 4).
         dropout: dropout rate before each hidden Linear (train mode only).
         gamma_min, gamma_max: the log-SNR range mapped to t_in in [0, 1].
+        time_scale: the embedding's scale (1000, §8.1.1).
 
     ``forward(z [B, *shape], gamma [B], conditioning [B] or None) -> [B, *shape]``.
     """
@@ -42,6 +43,7 @@ class MLP(nn.Module):
         dropout: float = 0.0,
         gamma_min: float = -13.3,
         gamma_max: float = 5.0,
+        time_scale: float = 1000.0,
     ) -> None:
         super().__init__()
         self.shape = tuple(int(s) for s in shape)
@@ -57,6 +59,7 @@ class MLP(nn.Module):
         self.time_embed_dim = time_embed_dim
         self.gamma_min = float(gamma_min)
         self.gamma_max = float(gamma_max)
+        self.time_scale = float(time_scale)
         d = math.prod(self.shape)
         self.inp = nn.Linear(d + time_embed_dim + 1, hidden)
         self.layers = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(depth))
@@ -77,7 +80,9 @@ class MLP(nn.Module):
         dtype = self.inp.weight.dtype
         if conditioning is None:
             conditioning = torch.zeros(z.shape[0], dtype=dtype, device=z.device)
-        emb = gamma_embedding(gamma, self.time_embed_dim, self.gamma_min, self.gamma_max)
+        emb = gamma_embedding(
+            gamma, self.time_embed_dim, self.gamma_min, self.gamma_max, self.time_scale
+        )
         h = torch.cat([z.flatten(1), emb.to(dtype), conditioning.to(dtype)[:, None]], dim=1)
         h = self.inp(h)
         for layer in self.layers:

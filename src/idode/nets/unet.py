@@ -175,6 +175,7 @@ class ScoreUNet(nn.Module):
         fourier_freqs: base-2 frequency exponents (VDM: 6 and 7, i.e. periods of 2 and 1 bins
             of 8-bit data; ``log2(L/4), log2(L/2)`` generalises this to L grey levels).
         gamma_min, gamma_max: the log-SNR range mapped to t_in in [0, 1] for the embedding.
+        time_scale: the embedding's scale, sin/cos(time_scale t_in f_j) (1000, §8.1.1).
         num_groups: GroupNorm groups; layers narrower than 4 * num_groups channels use
             channels // 4 groups (never one channel per group, which would erase gamma).
         checkpoint: recompute each block's activations in backward (non-reentrant checkpointing);
@@ -201,6 +202,7 @@ class ScoreUNet(nn.Module):
         num_groups: int = 32,
         checkpoint: bool = False,
         min_group_size: int = _MIN_GROUP_SIZE,
+        time_scale: float = 1000.0,
     ) -> None:
         super().__init__()
         if in_channels < 1 or n_embd < 4 or n_layers < 0:
@@ -224,6 +226,7 @@ class ScoreUNet(nn.Module):
         self.register_buffer("fourier_w", w, persistent=False)
         self.gamma_min = float(gamma_min)
         self.gamma_max = float(gamma_max)
+        self.time_scale = float(time_scale)
         self.checkpoint = checkpoint
 
         n, cond_dim = n_embd, 4 * n_embd
@@ -283,7 +286,7 @@ class ScoreUNet(nn.Module):
         dtype = self.dense0.weight.dtype
         if conditioning is None:
             conditioning = torch.zeros(z.shape[0], dtype=dtype, device=z.device)
-        emb = gamma_embedding(gamma, self.n_embd, self.gamma_min, self.gamma_max)
+        emb = gamma_embedding(gamma, self.n_embd, self.gamma_min, self.gamma_max, self.time_scale)
         cond = torch.cat([emb.to(dtype), conditioning.to(dtype)[:, None]], dim=1)
         cond = F.silu(self.dense1(F.silu(self.dense0(cond))))
 
