@@ -62,3 +62,20 @@ def posterior_means(x_t, t_a, t_b, mu, s2):
 
 def as_column(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def tiny_diffusers_unet(out_channels: int = 1, size: int = 8) -> torch.nn.Module:
+    """A two-level diffusers UNet2DModel on one grey channel, seeded (needs diffusers)."""
+    import diffusers
+
+    torch.manual_seed(0)
+    return diffusers.UNet2DModel(
+        sample_size=size,
+        in_channels=1,
+        out_channels=out_channels,
+        block_out_channels=(8, 16),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D"),
+        norm_num_groups=4,
+    ).eval()

@@ -11,6 +11,7 @@ from adapter_problems import (
     gaussian_data,
     posterior_means,
     sample_marginal,
+    tiny_diffusers_unet,
     truncated_flow_log_density,
     vp_coefficients,
 )
@@ -23,20 +24,6 @@ diffusers = pytest.importorskip(
 )
 
 PRED_TYPES = ["epsilon", "v_prediction", "sample"]
-
-
-def tiny_unet(out_channels: int = 1, size: int = 8) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=size,
-        in_channels=1,
-        out_channels=out_channels,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    ).eval()
 
 
 def reference_gammas(scheduler) -> np.ndarray:
@@ -58,7 +45,7 @@ def eps_from_diffusers_output(out, z, abar, prediction_type):
 
 @pytest.mark.parametrize("prediction_type", PRED_TYPES)
 def test_eps_hat_at_training_timesteps_is_the_unets_eps(prediction_type):
-    unet = tiny_unet()
+    unet = tiny_diffusers_unet()
     sched = diffusers.DDPMScheduler(prediction_type=prediction_type)
     model = idode.adapters.from_diffusers(unet, sched)
     gam = reference_gammas(sched)
@@ -181,7 +168,7 @@ def test_exact_predictor_bits_per_dim_against_the_exact_value():
 
 
 def test_learned_variance_uses_the_first_channels():
-    unet = tiny_unet(out_channels=2)
+    unet = tiny_diffusers_unet(out_channels=2)
     sched = diffusers.DDPMScheduler(variance_type="learned_range")
     model = idode.adapters.from_diffusers(unet, sched)
     z = torch.randn(2, 1, 8, 8)

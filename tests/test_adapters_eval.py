@@ -7,6 +7,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from adapter_problems import tiny_diffusers_unet
 
 import idode.adapters
 from idode.cli import main
@@ -18,25 +19,11 @@ diffusers = pytest.importorskip(
 FAST = ["--max-examples", "4", "--batch-size", "4", "--rtol", "1e-3", "--atol", "1e-3"]
 
 
-def _tiny_unet(size: int = 8) -> torch.nn.Module:
-    torch.manual_seed(0)
-    return diffusers.UNet2DModel(
-        sample_size=size,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
-
-
 @pytest.fixture(scope="module")
 def pipeline_dir(tmp_path_factory):
     """A pipeline folder as ``save_pretrained`` writes it: unet/ and scheduler/."""
     root = tmp_path_factory.mktemp("ddpm") / "pipe"
-    _tiny_unet().save_pretrained(root / "unet")
+    tiny_diffusers_unet().save_pretrained(root / "unet")
     diffusers.DDPMScheduler(
         num_train_timesteps=1000, prediction_type="v_prediction"
     ).save_pretrained(root / "scheduler")
@@ -79,7 +66,7 @@ def test_load_model_folder_layouts_and_the_loaded_model(pipeline_dir, tmp_path):
     assert info["sample_size"] == [8, 8] and info["in_channels"] == 1
     # the model folder itself, with the scheduler config beside it (the Hub's flat layout)
     flat = tmp_path / "flat"
-    unet = _tiny_unet()
+    unet = tiny_diffusers_unet()
     unet.save_pretrained(flat)
     diffusers.DDPMScheduler(prediction_type="v_prediction").save_config(flat)
     flat_model, _ = idode.adapters.load_model_folder(flat)
@@ -112,7 +99,7 @@ def test_clear_errors(pipeline_dir, tmp_path, capsys):
     assert main([*argv, *bad]) == 2
     assert "takes 1 channels at [8, 8]" in capsys.readouterr().err
     no_sched = tmp_path / "no_sched"
-    _tiny_unet().save_pretrained(no_sched)
+    tiny_diffusers_unet().save_pretrained(no_sched)
     with pytest.raises(FileNotFoundError, match="scheduler_config.json"):
         idode.adapters.load_model_folder(no_sched)
     with pytest.raises(FileNotFoundError, match="not a diffusers model folder"):

