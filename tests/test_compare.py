@@ -67,6 +67,7 @@ def test_trained_vs_untrained_is_a_difference_whose_interval_excludes_0(evals, t
         assert rep[side]["solver_error"] == ev["solver_error"] is not None
     text = (tmp_path / "c" / "report.md").read_text()
     assert "| bits/dim (ODE) |" in text and "A lower" in text and "## Solver error" in text
+    assert "| max_abs_bpd |" in text and "| jobs |" not in text  # scalars; rows in the JSON
     assert "checkpoint_step" in text  # the settings that differ: the checkpoints
     assert (tmp_path / "c" / "scatter.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((tmp_path / "c" / "compare.json").read_text())["metrics"] == rep["metrics"]

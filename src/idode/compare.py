@@ -282,7 +282,8 @@ def _markdown(r: dict[str, Any]) -> str:
     lines += ["", f'{r["note"]}; "no difference": the interval contains 0.', ""]
     lines += ["## Solver error", "", "| field | A | B |", "|---|---|---|"]
     ea, eb = a["solver_error"] or {}, b["solver_error"] or {}
-    keys = [k for k in {**ea, **eb} if k != "note"]
+    # the scalar fields; the per-job rows and the reference's settings stay in compare.json
+    keys = [k for k, v in {**ea, **eb}.items() if k != "note" and not isinstance(v, dict | list)]
     lines += [f"| {k} | {_cell(ea.get(k))} | {_cell(eb.get(k))} |" for k in keys]
     if not keys:
         lines.append("| (none recorded) | | |")
