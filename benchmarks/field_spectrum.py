@@ -9,7 +9,7 @@ measured here), records the drift h at every grid point and prints
 - the drift's power spectrum over gamma (detrended, Hann window), as energy fractions per band
   of angular frequency omega (rad per unit gamma), beside the sinusoidal time embedding's
   fastest frequency (``idode.nets.embedding``: 1000 rad per unit normalized gamma, i.e.
-  1000 / (gamma_max - gamma_min) per unit gamma);
+  time_scale / (gamma_max - gamma_min) per unit gamma);
 - per ninth of the gamma range: mean |h|, mean |d^5 h / dgamma^5| (fifth finite difference) and
   omega_eff = (|d^5 h| / |h|)^(1/5), the frequency a pure sinusoid would need to have that
   fifth derivative.
@@ -113,7 +113,8 @@ def main(argv=None) -> None:
             f"{platform.machine()}, torch {torch.__version__}, 1 thread); {args.model}: "
             f"{ck.config.preset} trained {ck.step} steps, first {len(x)} test images, network "
             f"in float64, gamma {g0:.2f}..{g1:.2f}")  # fmt: skip
-    text = "\n".join([head, "", *report(grid, h, 1000.0 / (s.gamma_max - s.gamma_min))])
+    fastest = model.net.time_scale / (s.gamma_max - s.gamma_min)
+    text = "\n".join([head, "", *report(grid, h, fastest)])
     print(text)
     if args.out:
         Path(args.out).write_text(text + "\n")
