@@ -19,10 +19,16 @@ A row is ``method/variable/controller/norm/protocol/net@tol``:
   x d ln 2, idode's default);
 - net: ``f32`` (the network in float32, gamma cast to float32 before the embedding, as
   idode did), ``f32e`` (float32 network, gamma and the sinusoidal embedding in float64, cast to
-  float32 after), ``f64`` (the whole network in float64).
+  float32 after), ``f64`` (the whole network in float64);
+- tol: rtol = atol; ``TOL:INNER:LO:HI`` solves with INNER on gamma in [LO, HI] and TOL
+  elsewhere (the solve restarts at LO and HI).
 
-The reference (``--ref``) is the network in float64 solved with vern6 at a tight tolerance,
-cross-checked by dopri5 (paper protocol, 1e-9); the table states how far they are apart per image.
+The reference (``--ref``) is the network in float64 solved with vern6 at a tight tolerance
+(paper protocol), cross-checked by dopri5 with the PI controller; the table states how far they
+are apart per image. The check columns give what idode's solver check (``idode.certify``) would
+report for the row: each job re-solved with dopri5 at 100x tighter tolerances with the network
+in float64, |bpd(row) - bpd(check)| (max over images), and that solve's NFE over the row's (the
+per-job ratio: an evaluation's overhead is that times the checked fraction, max(8 jobs, 2 %)).
 
     python benchmarks/work_precision.py --model digits --images 16 \\
         --out benchmarks/results/work_precision_digits_levers_cpu.md
@@ -55,12 +61,12 @@ from idode.checkpoint import load_model  # noqa: E402
 from idode.continuous import _JobSource, bpd_columns  # noqa: E402
 from idode.data import dataset_from_config  # noqa: E402
 from idode.divergence import first_order_input_gradients  # noqa: E402
-from idode.protocol import solver_tolerances  # noqa: E402
+from idode.protocol import Protocol, solver_tolerances  # noqa: E402
 from idode.rng import example_generators  # noqa: E402
-from idode.solvers import SolverStats, nfe_of_steps, solve_stream  # noqa: E402
+from idode.solvers import Jobs, SolverStats, nfe_of_steps, solve_stream  # noqa: E402
 
 TARGET = 0.002  # bits/dim per image
-REF = "vern6/gamma/i/rms/logp/f64@1e-8,dopri5/gamma/i/rms/paper/f64@1e-9"
+REF = "vern6/gamma/i/rms/paper/f64@1e-9,dopri5/gamma/i/rms/paper/f64@1e-9"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,17 +157,48 @@ class Spec:
     protocol: str = "paper"
     net: str = "f32"
     tol: float = 1e-5
+    inner: float | None = None  # rtol = atol on [lo, hi] of gamma (tol elsewhere)
+    region: tuple[float, float] | None = None
 
     @staticmethod
     def parse(text: str) -> Spec:
+        """``.../net@TOL`` or ``.../net@TOL:INNER:LO:HI`` (INNER on gamma in [LO, HI])."""
         body, _, tol = text.partition("@")
         parts = body.split("/")
         keys = ("method", "variable", "controller", "norm", "protocol", "net")
-        return Spec(**dict(zip(keys, parts, strict=False)), tol=float(tol or 1e-5))
+        t = [float(v) for v in (tol or "1e-5").split(":")]
+        if len(t) not in (1, 4):
+            raise SystemExit(f"{text!r}: expected @TOL or @TOL:INNER:LO:HI")
+        inner, region = (t[1], (t[2], t[3])) if len(t) == 4 else (None, None)
+        return Spec(**dict(zip(keys, parts, strict=False)), tol=t[0], inner=inner, region=region)
 
     def label(self) -> str:
         return "/".join((self.method, self.variable, self.controller, self.norm, self.protocol,
                          self.net))  # fmt: skip
+
+    def tol_text(self) -> str:
+        if self.region is None:
+            return f"{self.tol:g}"
+        return f"{self.tol:g}:{self.inner:g}:{self.region[0]:g}:{self.region[1]:g}"
+
+    def tol_cell(self) -> str:
+        if self.region is None:
+            return f"{self.tol:g}"
+        return f"{self.tol:g}; {self.inner:g} on [{self.region[0]:g}, {self.region[1]:g}]"
+
+    def segments(self) -> list[tuple[float | None, float | None, float]]:
+        """(gamma from, gamma to, tolerance); None: the job's own start / end."""
+        if self.region is None:
+            return [(None, None, self.tol)]
+        lo, hi = self.region
+        return [(None, lo, self.tol), (lo, hi, self.inner), (hi, None, self.tol)]
+
+    def check_spec(self) -> Spec | None:
+        """What idode's solver check re-solves a job with: dopri5, I controller, the network in
+        float64, tolerances 100x tighter (``idode.certify``; None where it has no equivalent)."""
+        if self.region is not None or self.protocol != "paper":
+            return None  # logp: the check scales logp_atol too, which a row spec cannot say
+        return Spec("dopri5", "gamma", "i", "rms", self.protocol, "f64", self.tol / 100)
 
 
 @dataclass
@@ -174,25 +211,25 @@ class RowResult:
     evals: list | None = None  # per call: (s [b], keys) when profiling
 
 
+def job_source(model, x: Tensor, levels: int, seed: int) -> _JobSource:
+    """The jobs of ``idode.bits_per_dim``'s default protocol (truncated-normal dequantization,
+    one Rademacher probe, K = 1), with per-example generators."""
+    gens = example_generators(seed, range(x.shape[0]))
+    return _JobSource(model, x, levels, Protocol(), gens, example_major=True)
+
+
 def solve(fx, spec: Spec, seed: int, record: bool = False) -> RowResult:
-    """bpd of every image of the fixture under one row's solver settings (K = 1 draw)."""
+    """bpd of every image of the fixture under one row's solver settings (K = 1 draw). A row
+    with a region tolerance restarts the solve at the region's edges (2 NFE each)."""
     model = model_for(fx.model, spec.net)
     n, shape, d = fx.x.shape[0], tuple(fx.x.shape[1:]), fx.x[0].numel()
-    source = _JobSource(model, fx.x, fx.levels, "truncated_normal", 1, "rademacher", 1,
-                        example_generators(seed, range(n)), 0.0, True)  # fmt: skip
-    tols = solver_tolerances(spec.protocol, spec.tol, spec.tol, None, d)
+    source = job_source(model, fx.x, fx.levels, seed)
     maps = time_maps(spec.variable, model.schedule)
     s_of = maps[0]
-
-    def take(m):
-        jobs = source(m)
-        if jobs is not None:
-            jobs.t0, jobs.t1 = s_of(jobs.t0), s_of(jobs.t1)
-        return jobs
-
     stats = SolverStats()
-    out: dict[int, tuple] = {}
     evals = [] if record else None
+    nfe = torch.zeros(n, dtype=torch.long)
+    local = torch.zeros(n, dtype=torch.float64)
     t0 = time.perf_counter()
     ctx = GammaFloat64(model) if spec.net == "f32e" else _Null(model)
     with ctx as m, torch.no_grad(), first_order_input_gradients():
@@ -205,23 +242,32 @@ def solve(fx, spec: Spec, seed: int, record: bool = False) -> RowResult:
                 evals.append(s.clone())
                 return inner(s, y, aux)
 
-        for done in solve_stream(field, take, batch_size=n, stats=stats, method=spec.method,
-                                 controller=spec.controller, norm=spec.norm, **tols):  # fmt: skip
-            z_end = done.y[:, :d].reshape(len(done.keys), *shape)
-            prior = gaussian_log_prob(z_end, m.schedule.sigma2_max)
-            for j, (i, _) in enumerate(done.keys):
-                out[i] = (float(prior[j] + done.y[j, d]), int(done.steps[j]),
-                          float(done.last_error[j]))  # fmt: skip
+        jobs = source(n)
+        y = jobs.y0
+        for a, b, tol in spec.segments():
+            t_a = jobs.t0 if a is None else torch.full_like(jobs.t0, a)
+            t_b = jobs.t1 if b is None else torch.full_like(jobs.t1, b)
+            pend = [Jobs(list(range(n)), y, s_of(t_a), s_of(t_b), jobs.aux)]
+            tols = solver_tolerances(spec.protocol, tol, tol, None, d)
+            out = y.clone()
+            for done in solve_stream(field, lambda k, p=pend: p.pop() if p else None,
+                                     batch_size=n, stats=stats, method=spec.method,
+                                     controller=spec.controller, norm=spec.norm,
+                                     **tols):  # fmt: skip
+                idx = torch.tensor(done.keys)
+                out[idx] = done.y
+                nfe[idx] += nfe_of_steps(done.steps, spec.method)
+                local[idx] += done.last_error.double().cpu()
+            y = out
+        prior = gaussian_log_prob(y[:, :d].reshape(n, *shape), m.schedule.sigma2_max)
+        logp = (prior + y[:, d]).double().cpu()[:, None]
     wall = time.perf_counter() - t0
-    logp = torch.tensor([[out[i][0]] for i in range(n)], dtype=torch.float64)
     meta = [source.meta[(i, 0)] for i in range(n)]
     lq = torch.tensor([[a] for a, _ in meta], dtype=torch.float64)
     dec = torch.tensor([[b] for _, b in meta], dtype=torch.float64)
     elq = torch.tensor([source.expected_log_q[i] for i in range(n)], dtype=torch.float64)
     bpd = bpd_columns(logp, dec, lq, elq, d)["bpd_mean_of_bounds"]
-    steps = torch.tensor([out[i][1] for i in range(n)])
-    local = torch.tensor([out[i][2] for i in range(n)], dtype=torch.float64) / (d * math.log(2))
-    return RowResult(bpd, nfe_of_steps(steps, spec.method), local, stats.rows, wall, evals)
+    return RowResult(bpd, nfe, local / (d * math.log(2)), stats.rows, wall, evals)
 
 
 class _Null:
@@ -277,17 +323,23 @@ def reference_lines(specs: list[Spec], runs: list[RowResult]) -> list[str]:
 
 HEADER = [
     "| method/variable/controller/norm/protocol/net | tol | NFE / image (mean) | NFE max | "
-    "mean abs dbpd | max abs dbpd | within 0.002 | local estimate (mean, bits/dim) |",
-    "|---|---:|---:|---:|---:|---:|---:|---:|",
+    "mean abs dbpd | max abs dbpd | within 0.002 | local estimate (mean, bits/dim) | "
+    "check's error (max, bits/dim) | check NFE / row NFE |",
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
 ]
 
 
-def row_line(spec: Spec, r: RowResult, ref: Tensor) -> str:
+def row_line(spec: Spec, r: RowResult, ref: Tensor, check: RowResult | None) -> str:
+    """One table row; ``check``: the row's jobs solved as ``idode.certify`` re-solves them."""
     err = (r.bpd - ref).abs()
     ok = int((err <= TARGET).sum())
     nfe = f"{r.nfe.float().mean():.0f} | {int(r.nfe.max())}"
-    return (f"| {spec.label()} | {spec.tol:g} | {nfe} | {err.mean():.4f} | {err.max():.4f} "
-            f"| {ok}/{len(err)} | {r.local.mean():.4f} |")  # fmt: skip
+    cells = "- | -"
+    if check is not None:
+        ratio = (check.nfe.double() / r.nfe.double()).mean()
+        cells = f"{(r.bpd - check.bpd).abs().max():.4f} | {ratio:.1f}"
+    return (f"| {spec.label()} | {spec.tol_cell()} | {nfe} | {err.mean():.4f} | {err.max():.4f} "
+            f"| {ok}/{len(err)} | {r.local.mean():.4f} | {cells} |")  # fmt: skip
 
 
 def profile_lines(fx: Fixture, spec: Spec, seed: int, bins: int) -> list[str]:
@@ -337,44 +389,17 @@ def region_lines(
     fx: Fixture, ref: Tensor, edges: list[float], loose: float, tight: float, seed: int
 ) -> list[str]:
     """Where the error is made: dopri5 at ``loose`` on one gamma region and ``tight`` elsewhere
-    (the solve restarts at each region edge, 2 NFE each), one row per region."""
-    from idode.solvers import Jobs
-
-    m, n, shape, d = fx.model, len(fx.x), tuple(fx.x.shape[1:]), fx.x[0].numel()
-    s = m.schedule
+    (the solve restarts at the region's edges, 2 NFE each), one row per region."""
+    s = fx.model.schedule
     bounds = [s.gamma_min, *edges, s.gamma_max]
     lines = [f"### where the error is made: dopri5, rtol = atol = {loose:g} on one region of "
-             f"gamma, {tight:g} elsewhere ({n} images)", "",
+             f"gamma, {tight:g} elsewhere ({len(fx.x)} images)", "",
              "| loose region | NFE / image | mean abs dbpd | max abs dbpd |",
              "|---|---:|---:|---:|"]  # fmt: skip
-    field = augmented_field(m, "rademacher", shape)
-    for r in range(len(bounds) - 1):
-        src = _JobSource(m, fx.x, fx.levels, "truncated_normal", 1, "rademacher", 1,
-                         example_generators(seed, range(n)), 0.0, True)  # fmt: skip
-        jobs = src(n)
-        y, nfe = jobs.y0, torch.zeros(n, dtype=torch.long)
-        with torch.no_grad(), first_order_input_gradients():
-            for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-                tol = loose if i == r else tight
-                t_a, t_b = (torch.full((n,), v, dtype=torch.float64) for v in (a, b))
-                pend = [Jobs(list(range(n)), y, t_a, t_b, jobs.aux)]
-                out = y.clone()
-                for done in solve_stream(field, lambda k, p=pend: p.pop() if p else None,
-                                         batch_size=n, rtol=tol, atol=tol):  # fmt: skip
-                    idx = torch.tensor(done.keys)
-                    out[idx], nfe[idx] = done.y, nfe[idx] + nfe_of_steps(done.steps)
-                y = out
-        prior = gaussian_log_prob(y[:, :d].reshape(n, *shape), s.sigma2_max)
-        meta = [src.meta[(i, 0)] for i in range(n)]
-        cols = bpd_columns(
-            (prior + y[:, d])[:, None],
-            torch.tensor([[b] for _, b in meta], dtype=torch.float64),
-            torch.tensor([[a] for a, _ in meta], dtype=torch.float64),
-            torch.tensor([src.expected_log_q[i] for i in range(n)], dtype=torch.float64),
-            d,
-        )
-        err = (cols["bpd_mean_of_bounds"] - ref[:n]).abs()
-        lines.append(f"| [{bounds[r]:.1f}, {bounds[r + 1]:.1f}] | {nfe.float().mean():.0f} | "
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        r = solve(fx, Spec(tol=tight, inner=loose, region=(a, b)), seed)
+        err = (r.bpd - ref[: len(fx.x)]).abs()
+        lines.append(f"| [{a:.1f}, {b:.1f}] | {r.nfe.float().mean():.0f} | "
                      f"{err.mean():.4f} | {err.max():.4f} |")  # fmt: skip
         print(lines[-1], file=sys.stderr, flush=True)
     return lines + [""]
@@ -394,6 +419,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=None,
         help="LOOSE,TIGHT:EDGE,EDGE,...: where the error is made (needs --ref)",
     )
+    p.add_argument("--check", action="store_true",
+                   help="solve each row's check (dopri5, float64 network, 100x tighter, as "
+                        "idode.certify) for the check columns; without it they are filled "
+                        "from the store where it holds them")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--store", default=None,
                    help="JSON file of per-image results: solved rows are appended, rows and "
@@ -405,7 +434,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def _key(spec: Spec, images: int, seed: int) -> str:
-    return f"{spec.label()}@{spec.tol:g}|{images}|{seed}"
+    return f"{spec.label()}@{spec.tol_text()}|{images}|{seed}"
 
 
 class Store:
@@ -418,6 +447,9 @@ class Store:
             if p and Path(p).exists():
                 self.data.update(json.loads(Path(p).read_text()))
         self.own = json.loads(Path(path).read_text()) if path and Path(path).exists() else {}
+
+    def has(self, fx: Fixture, spec: Spec, seed: int) -> bool:
+        return _key(spec, len(fx.x), seed) in self.data
 
     def get(self, fx: Fixture, spec: Spec, seed: int) -> RowResult:
         key = _key(spec, len(fx.x), seed)
@@ -466,8 +498,14 @@ def main(argv=None) -> None:
         lines += reference_lines(refs, [results[s] for s in refs]) + HEADER
     for spec in specs:
         r = store.get(fx, spec, args.seed)
+        c = spec.check_spec()
+        check = (
+            store.get(fx, c, args.seed)
+            if c and (args.check or store.has(fx, c, args.seed))
+            else None
+        )
         if refs:
-            lines.append(row_line(spec, r, results[refs[0]].bpd))
+            lines.append(row_line(spec, r, results[refs[0]].bpd, check))
             print(lines[-1], f"({r.wall:.0f} s)", file=sys.stderr, flush=True)
             _save(args.out, lines)
     _save(args.out, lines)
