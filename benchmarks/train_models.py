@@ -34,8 +34,14 @@ from pathlib import Path
 import numpy as np
 
 CACHE = Path(os.environ.get("IDODE_BENCH_CACHE", Path.home() / ".cache" / "idode-bench"))
-MODELS = ("digits", "mnist", "photos", "digits_ts100")
-STEPS = {"digits": 1500, "mnist": 1000, "photos": 1500, "digits_ts100": 1500}
+MODELS = ("digits", "mnist", "photos", "digits_ts100", "mnist_nofourier")
+STEPS = {
+    "digits": 1500,
+    "mnist": 1000,
+    "photos": 1500,
+    "digits_ts100": 1500,
+    "mnist_nofourier": 1000,
+}
 PHOTOS_TRAIN = ("astronaut", "coffee", "rocket", "cat", "immunohistochemistry", "colorwheel")
 PHOTOS_TEST = ("chelsea",)
 # (preset, extra overrides); the step-dependent ones are added in ``config_for``
@@ -53,6 +59,12 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
 # digits with the gamma embedding's scale 100 instead of the paper's 1000: a drift smoother in
 # gamma (benchmarks/results/field_spectrum_digits_cpu.md), otherwise the digits recipe
 RECIPES["digits_ts100"] = ("digits_cpu", ["model.time_embedding_scale=100"])
+# mnist without the UNet's input Fourier features (sin/cos(2^f 2 pi z), f = 6, 7 at 256 levels):
+# is the unconverged likelihood solve of mnist (work_precision_mnist_cpu.md) due to them?
+RECIPES["mnist_nofourier"] = (
+    "mnist_cpu",
+    ["train.ema_decay=0.995", "model.fourier_features=false"],
+)
 
 
 def run_dir(name: str) -> Path:
