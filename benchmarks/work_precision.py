@@ -63,6 +63,7 @@ from idode.data import dataset_from_config  # noqa: E402
 from idode.divergence import first_order_input_gradients  # noqa: E402
 from idode.protocol import Protocol, solver_tolerances  # noqa: E402
 from idode.rng import example_generators  # noqa: E402
+from idode.rundir import write_json_atomic  # noqa: E402
 from idode.solvers import Jobs, SolverStats, nfe_of_steps, solve_stream  # noqa: E402
 
 TARGET = 0.002  # bits/dim per image
@@ -293,6 +294,7 @@ class Fixture:
     x: Tensor
     levels: int
     about: str
+    inputs: str  # the weights' checksum and the test set's content hash: a store's identity
 
 
 def fixture(name: str, n: int) -> Fixture:
@@ -306,7 +308,8 @@ def fixture(name: str, n: int) -> Fixture:
     about = (f"{name}: {ck.config.preset} config trained {ck.step} steps ({params:,} params, EMA) "
              f"in {run}; {ds.name} test split, first {len(x)} images, d = {x[0].numel()}, "
              f"{ds.num_levels} levels")  # fmt: skip
-    return Fixture(name, model, x, ds.num_levels, about)
+    inputs = f"model {ck.checksum}; data {ds.content_hash()}"
+    return Fixture(name, model, x, ds.num_levels, about, inputs)
 
 
 def reference_lines(specs: list[Spec], runs: list[RowResult]) -> list[str]:
@@ -437,16 +440,28 @@ def _key(spec: Spec, images: int, seed: int) -> str:
     return f"{spec.label()}@{spec.tol_text()}|{images}|{seed}"
 
 
+INPUTS_KEY = "_inputs"
+
+
 class Store:
     """Per-image results by row, in JSON (bpd, nfe, local, wall), so a table can be re-rendered
     and rows solved by several processes."""
 
-    def __init__(self, path: str | None, merge: str) -> None:
-        self.path, self.data = path, {}
+    def __init__(self, path: str | None, merge: str, inputs: str) -> None:
+        self.path, self.inputs, self.data = path, inputs, {}
         for p in [*filter(None, merge.split(",")), path]:
             if p and Path(p).exists():
-                self.data.update(json.loads(Path(p).read_text()))
-        self.own = json.loads(Path(path).read_text()) if path and Path(path).exists() else {}
+                self.data.update(self._read(p))
+        self.own = self._read(path) if path and Path(path).exists() else {}
+
+    def _read(self, path: str) -> dict:
+        """A store's rows, refused when they were solved for other weights or other images."""
+        data = json.loads(Path(path).read_text())
+        made = data.pop(INPUTS_KEY, "not recorded (a store from before 2026-12-06)")
+        if made != self.inputs:
+            raise SystemExit(f"store {path} was solved with other inputs ({made}), not this "
+                             f"run's ({self.inputs}): name a new --store")  # fmt: skip
+        return data
 
     def has(self, fx: Fixture, spec: Spec, seed: int) -> bool:
         return _key(spec, len(fx.x), seed) in self.data
@@ -460,7 +475,7 @@ class Store:
                    "wall": r.wall}  # fmt: skip
             self.data[key] = self.own[key] = row
             if self.path:
-                Path(self.path).write_text(json.dumps(self.own))
+                write_json_atomic(self.path, {INPUTS_KEY: self.inputs, **self.own}, indent=None)
         row = self.data[key]
         f64 = torch.float64
         return RowResult(torch.tensor(row["bpd"], dtype=f64), torch.tensor(row["nfe"]),
@@ -480,7 +495,7 @@ def main(argv=None) -> None:
         lines += noise_lines(fx, args.seed)
     if args.profile:
         lines += profile_lines(fx, Spec.parse(args.profile), args.seed, args.bins)
-    store = Store(args.store, args.merge)
+    store = Store(args.store, args.merge, fx.inputs)
     refs = [Spec.parse(t) for t in args.ref.split(",")] if args.ref else []
     results = {}
     for spec in refs:

@@ -143,7 +143,7 @@ def test_time_embedding_scale_reaches_the_network():
     from idode.model import build_model
     from idode.presets import get_preset
 
-    cfg = apply_overrides(get_preset("digits_cpu"), ["model.time_embedding_scale=100"])
+    cfg = apply_overrides(get_preset("digits"), ["model.time_embedding_scale=100"])
     net = build_model(cfg, (1, 8, 8), 17).net
     seen = {}
     net.dense0.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
@@ -155,8 +155,9 @@ def test_time_embedding_scale_reaches_the_network():
     hand = torch.stack([torch.sin(100.0 * t_in * f) for f in freqs]
                        + [torch.cos(100.0 * t_in * f) for f in freqs], 1)  # fmt: skip
     torch.testing.assert_close(seen["x"][:, :-1], hand.float(), atol=1e-5, rtol=0)
-    # the default is the paper's 1000
-    assert build_model(get_preset("digits_cpu"), (1, 8, 8), 17).net.time_scale == 1000.0
+    # the default is the paper's 1000; digits_cpu's 100
+    assert build_model(get_preset("digits"), (1, 8, 8), 17).net.time_scale == 1000.0
+    assert build_model(get_preset("digits_cpu"), (1, 8, 8), 17).net.time_scale == 100.0
 
 
 def test_unet_conditioning_vector_is_embedding_then_conditioning_scalar():
@@ -385,3 +386,20 @@ def test_first_order_input_gradients_uses_fused_attention_with_the_same_divergen
             torch.autograd.grad(div.sum(), list(net.parameters()))
     torch.testing.assert_close(fast_h, ref_h)
     torch.testing.assert_close(fast_e, ref_e)
+
+
+def test_mnist_cpu_has_no_input_fourier_features_the_paper_network_has():
+    """mnist_cpu leaves out the input Fourier features (its likelihood solve did not converge
+    with them); the mnist preset keeps the paper's sin/cos(2^f 2 pi z), f = 6, 7."""
+    from idode.model import build_model
+    from idode.presets import get_preset
+
+    def input_channels(preset: str) -> int:
+        net = build_model(get_preset(preset), (1, 28, 28), 256).net
+        seen = {}
+        net.conv_in.register_forward_pre_hook(lambda mod, args: seen.update(x=args[0]))
+        net(torch.zeros(2, 1, 28, 28), torch.zeros(2))
+        return seen["x"].shape[1]
+
+    assert input_channels("mnist_cpu") == 1
+    assert input_channels("mnist") == 1 + 2 * 2  # z, then sin and cos at two frequencies
