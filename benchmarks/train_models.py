@@ -7,6 +7,7 @@
 | photos          | 32x32x3 patches of scikit-image's photographs (3072)      | cifar10_cpu |
 | digits_ts100    | digits, gamma embedding scale 100 (the paper's: 1000)     | digits_cpu  |
 | mnist_nofourier | MNIST without the input Fourier features (the paper's on) | mnist_cpu   |
+| photos_nofourier | photos without the input Fourier features               | cifar10_cpu |
 
 digits and mnist are the paper's network; since 2026-12-06 the presets are the two variants
 (digits_cpu has the embedding scale 100, mnist_cpu no Fourier features), which the recipes
@@ -15,10 +16,10 @@ below pin either way.
 Each model is a run folder ``CACHE/<name>`` (default cache ``~/.cache/idode-bench``, or
 ``$IDODE_BENCH_CACHE``); a folder whose checkpoint has the requested steps is kept, one with
 fewer (an interrupted run) is resumed (``--force`` retrains from scratch). The
-step counts are the CPU budget, not convergence: on one idle core digits' 1,500 steps take ~10
-minutes and mnist's 1,000 ~21 (47 steps/min; SDE bound 1.88 bits/dim on 500 test images at
-1,000 steps); photos' 1,500 are the plan, 200 are cached (trained with EMA decay 0.999, before
-the recipe's 0.995). ``--steps digits=1500,mnist=2000,photos=1500`` overrides them, and each
+step counts are the CPU budget, not convergence. On one core each (two trained side by side,
+2026-12-06): mnist_nofourier's 1,000 steps took 14 minutes (SDE bound 1.705 bits/dim on 500
+test images), photos' 1,500 took 15 (SDE bound 3.044 on 64 held-out patches); digits' 1,500
+take about 5-10. ``--steps digits=1500,mnist=2000,photos=1500`` overrides them, and each
 run folder's config.json records what was trained. ``photos.npz`` is written next to the
 runs: non-overlapping 32x32 patches, train = astronaut, coffee, rocket, cat,
 immunohistochemistry, colorwheel; test = chelsea (a held-out photograph, so the test patches
@@ -45,28 +46,29 @@ STEPS = {
     "photos": 1500,
     "digits_ts100": 1500,
     "mnist_nofourier": 1000,
+    "photos_nofourier": 1500,
 }
 PHOTOS_TRAIN = ("astronaut", "coffee", "rocket", "cat", "immunohistochemistry", "colorwheel")
 PHOTOS_TEST = ("chelsea",)
 # (preset, extra overrides); the step-dependent ones are added in ``config_for``
 # EMA decay 0.995 (digits_cpu's): the EMA has no bias correction, so at 0.999 after a few
 # hundred CPU steps it would still be mostly the initial weights (0.999^400 = 0.67)
+_PHOTOS = ["data.name=npz", "data.eval_examples=64", "train.lr=1e-3", "train.ema_decay=0.995"]
 RECIPES: dict[str, tuple[str, list[str]]] = {
     # digits and mnist: the paper's network (gamma embedding scale 1000, input Fourier features),
     # which the presets have left since 2026-12-06 for the two variants below
     "digits": ("digits_cpu", ["model.time_embedding_scale=1000"]),
     "mnist": ("mnist_cpu", ["train.ema_decay=0.995", "model.fourier_features=true"]),
     # a small ScoreUNet (n_embd 32, 2 layers) on natural-image patches; lr as mnist_cpu
-    "photos": (
-        "cifar10_cpu",
-        ["data.name=npz", "data.eval_examples=64", "train.lr=1e-3", "train.ema_decay=0.995"],
-    ),
+    "photos": ("cifar10_cpu", _PHOTOS),
     # digits with the gamma embedding's scale 100 instead of the paper's 1000: a drift smoother
     # in gamma (benchmarks/results/field_spectrum_digits_cpu.md), otherwise the digits recipe
     "digits_ts100": ("digits_cpu", ["model.time_embedding_scale=100"]),
     # mnist without the UNet's input Fourier features (sin/cos(2^f 2 pi z), f = 6, 7 at 256
     # levels), which keep mnist's likelihood solve from converging (work_precision_mnist_cpu.md)
     "mnist_nofourier": ("mnist_cpu", ["train.ema_decay=0.995", "model.fourier_features=false"]),
+    # photos without the input Fourier features: does d = 3072 converge without them too?
+    "photos_nofourier": ("cifar10_cpu", [*_PHOTOS, "model.fourier_features=false"]),
 }
 MODELS = tuple(RECIPES)
 
@@ -107,7 +109,7 @@ def config_for(name: str, steps: int):
     preset, extra = RECIPES[name]
     over = [*extra, f"train.steps={steps}", f"train.eval_every={steps}"]
     over.append(f"train.checkpoint_every={max(steps // 4, 1)}")
-    if name == "photos":
+    if name.startswith("photos"):
         over.append(f"data.path={photos_npz()}")
     return apply_overrides(get_preset(preset), over)
 
