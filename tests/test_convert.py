@@ -93,6 +93,23 @@ def test_converted_network_reproduces_the_official_one(tmp_path, c, n, layers, a
     assert not torch.equal(a.net.conv_in.weight, b.net.conv_in.weight)
 
 
+def test_official_conventions_whatever_the_config_says(tmp_path):
+    """A config with another gamma embedding scale (digits_cpu's 100) still converts to the
+    official network: the converter sets the official conventions itself."""
+    c, n, layers, attn, fourier, cond = 1, 32, 1, False, True, False
+    _, ema = _write(tmp_path / "ckpt-7.flax", c, n, layers, attn, fourier)
+    extra = ("model.time_embedding_scale=100",)
+    out = convert_checkpoint(
+        tmp_path / "ckpt-7.flax", tmp_path / "run", _cfg(c, n, layers, attn, fourier, extra)
+    )
+    model, _ = idode.load_model(out)
+    assert model.net.time_scale == 1000.0
+    z, gamma, cvec = _inputs(np.random.default_rng(1), c, cond)
+    want = _reference(ema, z, gamma, cvec, n, layers, attn, fourier)
+    got = _run(model.net.double(), z, gamma, cvec, cond, torch.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-10)
+
+
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
     """One converted 3-channel attention model (n_embd 64), its EMA tree, and the model."""

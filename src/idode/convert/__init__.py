@@ -64,10 +64,12 @@ def find_flax_checkpoint(path: str | os.PathLike) -> Path:
 def official_config(cfg: Config) -> Config:
     """``cfg`` with the conventions the official network has whatever the preset says.
 
-    A UNet whose Fourier features use base-2 exponents 6 and 7 (``fourier_levels=256``) and
-    flax's GroupNorm grouping (``min_group_size=1``: 32 groups at every width).
+    A UNet whose Fourier features use base-2 exponents 6 and 7 (``fourier_levels=256``),
+    flax's GroupNorm grouping (``min_group_size=1``: 32 groups at every width) and the gamma
+    embedding sin/cos(1000 t f_j) (``time_embedding_scale=1000``; ``digits_cpu`` has 100).
     """
-    model = replace(cfg.model, net="unet", fourier_levels=256, min_group_size=1)
+    model = replace(cfg.model, net="unet", fourier_levels=256, min_group_size=1,
+                    time_embedding_scale=1000.0)  # fmt: skip
     return replace(cfg, model=model).validate()
 
 
