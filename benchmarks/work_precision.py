@@ -449,10 +449,11 @@ class Store:
 
     def __init__(self, path: str | None, merge: str, inputs: str) -> None:
         self.path, self.inputs, self.data = path, inputs, {}
-        for p in [*filter(None, merge.split(",")), path]:
-            if p and Path(p).exists():
-                self.data.update(self._read(p))
         self.own = self._read(path) if path and Path(path).exists() else {}
+        for p in filter(None, merge.split(",")):
+            if Path(p).exists():
+                self.data.update(self._read(p))
+        self.data.update(self.own)  # this run's own store wins over the merged ones
 
     def _read(self, path: str) -> dict:
         """A store's rows, refused when they were solved for other weights or other images."""
